@@ -1,0 +1,243 @@
+"""The whole path on the shipped data: teacher outputs → distil → export → score with routing → report.
+
+Stages are imported inside :func:`run_quickstart`, so importing this module needs no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from darl_lite.errors import MissingExtraError
+from darl_lite.metrics import auroc, fpr_at_tpr, grading_report, spearman
+from darl_lite.types import GRADE_GAINS, Pair
+
+logger = logging.getLogger(__name__)
+
+#: The shipped teacher outputs for every pair of the shipped data, with provenance beside them.
+SHIPPED_TEACHER = "teacher_standin.jsonl.gz"
+
+
+def shipped_teacher_path() -> Path:
+    return Path(str(resources.files("darl_lite") / "data" / SHIPPED_TEACHER))
+
+
+@dataclass(frozen=True)
+class QuickstartConfig:
+    out_dir: str = "darl-lite-run"
+    fold: int = 0
+    teacher_file: str | None = None  # None: the shipped teacher outputs
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 5e-5
+    temperature: float = 2.0
+    alpha: float = 0.5
+    max_length: int = 64
+    max_train_pairs: int | None = None
+    threads: int = 0
+    seed: int = 0
+    progress: bool = True
+
+
+def _require_training_extras() -> None:
+    import importlib.util
+
+    for module, extra in (("torch", "distill"), ("transformers", "distill"), ("onnx", "export")):
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtraError.for_module(module, extra)
+
+
+def _evaluate(probs: np.ndarray, pairs: Sequence[Pair]) -> dict[str, float]:
+    grades = np.asarray([p.grade for p in pairs])
+    query_ids = [p.query_id or p.query for p in pairs]
+    return grading_report(probs, grades, query_ids, gains=GRADE_GAINS[: probs.shape[1]])
+
+
+def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
+    """Run every stage, write ``report.json`` and ``summary.md`` into ``out_dir``, return the report."""
+    _require_training_extras()
+    from darl_lite.datasets import load_dbpedia
+    from darl_lite.distill.backbone import load_student
+    from darl_lite.distill.trainer import DistillConfig, distill_student, save_student
+    from darl_lite.export.build import ExportConfig, build_bundle
+    from darl_lite.inference import SessionConfig
+    from darl_lite.scorer import Scorer
+    from darl_lite.teacher_file import FileTeacher
+
+    cfg = config or QuickstartConfig()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timing: dict[str, float] = {}
+
+    splits = load_dbpedia(fold=cfg.fold)
+    teacher = FileTeacher.from_file(cfg.teacher_file or shipped_teacher_path())
+    train = list(splits.train)
+    if cfg.max_train_pairs is not None and cfg.max_train_pairs < len(train):
+        rng = np.random.default_rng(cfg.seed)
+        train = [train[i] for i in sorted(rng.choice(len(train), cfg.max_train_pairs, replace=False))]
+    logger.info("teacher %r (%s); %d training pairs", teacher.name, teacher.kind, len(train))
+
+    # 1. Distil the teacher's grade distributions into the student.
+    started = time.perf_counter()
+    model, tokenizer = load_student()
+    distill_cfg = DistillConfig(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        temperature=cfg.temperature,
+        alpha=cfg.alpha,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+    )
+    train_result = distill_student(
+        model, tokenizer, train, teacher.predict_proba(train), distill_cfg, progress=cfg.progress
+    )
+    student_dir = out / "student"
+    save_student(model, tokenizer, student_dir)
+    timing["distill"] = time.perf_counter() - started
+
+    # 2. Export: ONNX fp32 + int8, parity gate, calibration, OOD detector, one bundle.
+    started = time.perf_counter()
+    teacher_identity = {
+        "name": teacher.name,
+        "kind": teacher.kind,
+        "file": str(cfg.teacher_file or SHIPPED_TEACHER),
+    }
+    bundle = build_bundle(
+        student_dir,
+        out / "bundle",
+        train_pairs=splits.train,
+        dev_pairs=splits.dev,
+        parity_pairs=[*splits.dev, *splits.ood_dev],
+        teacher=teacher_identity,
+        config=ExportConfig(max_length=cfg.max_length, threads=cfg.threads),
+        overwrite=True,
+    )
+    timing["export"] = time.perf_counter() - started
+
+    # 3. Score both test sets: fp32 and int8 students, and the int8 cascade routing to the teacher.
+    started = time.perf_counter()
+    session = SessionConfig(intra_op_threads=cfg.threads)
+
+    def teacher_fallback(batch: list[tuple[str, str]]) -> np.ndarray:
+        return teacher.predict_proba([Pair(q, i) for q, i in batch])
+
+    fp32 = Scorer(bundle, precision="fp32", session=session)
+    cascade = Scorer(bundle, precision="int8", session=session, fallback=teacher_fallback)
+    test_sets = {"id_test": list(splits.id_test), "ood_test": list(splits.ood_test)}
+    metrics: dict[str, dict[str, dict[str, float]]] = {
+        m: {} for m in ("teacher", "student_fp32", "student_int8", "cascade")
+    }
+    ood_scores: dict[str, np.ndarray] = {}
+    route_rate: dict[str, float] = {}
+    parity_logits: dict[str, list[np.ndarray]] = {"fp32": [], "int8": []}
+    for split, pairs in test_sets.items():
+        queries, items = [p.query for p in pairs], [p.item for p in pairs]
+        scored_fp32 = fp32.score_arrays(queries, items)
+        scored = cascade.score_arrays(queries, items)
+        metrics["teacher"][split] = _evaluate(teacher.predict_proba(pairs), pairs)
+        metrics["student_fp32"][split] = _evaluate(scored_fp32.student_probabilities, pairs)
+        metrics["student_int8"][split] = _evaluate(scored.student_probabilities, pairs)
+        metrics["cascade"][split] = _evaluate(scored.probabilities, pairs)
+        ood_scores[split] = scored.ood_scores
+        route_rate[split] = float(scored.from_llm.mean())
+        parity_logits["fp32"].append(scored_fp32.logits)
+        parity_logits["int8"].append(scored.logits)
+    timing["score"] = time.perf_counter() - started
+
+    fp32_logits, int8_logits = (np.concatenate(parity_logits[k]) for k in ("fp32", "int8"))
+    gains = np.asarray(bundle.grade_gains)
+    from darl_lite.scorer import softmax
+
+    report: dict[str, Any] = {
+        "teacher": {"name": teacher.name, "kind": teacher.kind},
+        "splits": {
+            "train": len(train),
+            "dev": len(splits.dev),
+            "id_test": len(splits.id_test),
+            "ood_test": len(splits.ood_test),
+        },
+        "metrics": metrics,
+        "ood_detection": {
+            "auroc": auroc(ood_scores["id_test"], ood_scores["ood_test"]),
+            "fpr_at_95_tpr": fpr_at_tpr(ood_scores["id_test"], ood_scores["ood_test"], tpr=0.95),
+        },
+        "routing": {
+            "route_rate": route_rate,
+            "policy": bundle.manifest["routing"],
+        },
+        "parity": {
+            "argmax_agreement": float(np.mean(fp32_logits.argmax(1) == int8_logits.argmax(1))),
+            "spearman": spearman(softmax(fp32_logits) @ gains, softmax(int8_logits) @ gains),
+            "export_gate": bundle.manifest["parity"],
+        },
+        "calibration": bundle.manifest["calibration"],
+        "timing_s": {k: round(v, 1) for k, v in timing.items()},
+        "distill": {
+            "steps": train_result.steps,
+            "final_loss": _last(train_result.losses),
+            "config": vars_of(distill_cfg),
+        },
+        "bundle": str(bundle.directory),
+        "fold": cfg.fold,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / "summary.md").write_text(render_summary(report), encoding="utf-8")
+    return report
+
+
+def _last(values: Sequence[float]) -> float | None:
+    return float(values[-1]) if len(values) else None
+
+
+def vars_of(obj: object) -> dict[str, Any]:
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(obj) if is_dataclass(obj) and not isinstance(obj, type) else dict(vars(obj))
+
+
+def render_summary(report: dict[str, Any]) -> str:
+    """A short Markdown summary a person can read in a minute."""
+    lines = [
+        "# darl-lite quickstart",
+        "",
+        f"Teacher: **{report['teacher']['name']}** (kind: `{report['teacher']['kind']}`).",
+        "Splits (pairs): " + ", ".join(f"{k} {v:,}" for k, v in report["splits"].items()) + ".",
+        "",
+        "| model | split | macro-F1 | accuracy | NDCG@10 | ECE |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, by_split in report["metrics"].items():
+        for split, m in by_split.items():
+            cells = " | ".join(f"{m[key]:.3f}" for key in ("macro_f1", "accuracy", "ndcg@10", "ece"))
+            lines.append(f"| {model} | {split} | {cells} |")
+    ood, routing, parity = report["ood_detection"], report["routing"], report["parity"]
+    lines += [
+        "",
+        f"OOD detection (id_test vs ood_test pairs): AUROC {ood['auroc']:.3f}, "
+        f"FPR@95%TPR {ood['fpr_at_95_tpr']:.3f}.",
+        "Routed to the teacher: "
+        + ", ".join(f"{k} {v:.1%}" for k, v in routing["route_rate"].items())
+        + f" (budget {routing['policy']['max_route_fraction']:.0%} of each call).",
+        f"int8 vs fp32 on both test sets: argmax agreement {parity['argmax_agreement']:.4f}, "
+        f"Spearman {parity['spearman']:.4f}.",
+        f"Calibration temperature {report['calibration']['temperature']:.3f}: dev ECE "
+        f"{report['calibration']['ece_before']:.3f} → {report['calibration']['ece_after']:.3f}.",
+        "Time (s): " + ", ".join(f"{k} {v}" for k, v in report["timing_s"].items()) + ".",
+        f"Bundle: `{report['bundle']}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def default_out_dir() -> str:
+    return os.environ.get("DARL_LITE_OUT", QuickstartConfig.out_dir)

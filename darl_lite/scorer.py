@@ -1,0 +1,243 @@
+"""The scorer a search node embeds: grade probabilities, OOD score and routing in one pass.
+
+    scorer = Scorer.load("bundle/")
+    results = scorer.score("szechwan cuisine", ["Mapo tofu", "Afghan cuisine"])
+
+Results come back in input order as frozen dataclasses of plain Python values. The caller's
+inputs are never mutated. A fallback (any callable grading a list of pairs) receives the routed
+pairs; when it fails, is slow to the point of raising, or returns garbage, the student's answer
+stands and the result says why — nothing from the fallback raises into the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from darl_lite.bundle import ROLE_TOKENIZER, Bundle, load_bundle, model_role, ood_role
+from darl_lite.errors import BundleError, InputError
+from darl_lite.inference import RelevanceModel, SessionConfig
+from darl_lite.ood import MahalanobisDetector
+from darl_lite.routing import RoutingPolicy
+
+logger = logging.getLogger(__name__)
+
+#: Grades a list of (query, item) pairs: one probability row per pair, in order.
+Fallback = Callable[[list[tuple[str, str]]], ArrayLike]
+
+
+@dataclass(frozen=True, slots=True)
+class PairScore:
+    """The grade of one query–item pair."""
+
+    probabilities: tuple[float, ...]  # one per grade, in the bundle's grade order
+    expected_relevance: float  # sum of probability × gain
+    grade: int  # the most probable grade
+    ood_score: float  # higher = further from the training distribution
+    routed: bool  # the pair was sent to the LLM (or would be, with no fallback)
+    source: Literal["student", "llm"]  # who produced ``probabilities``
+    truncated: bool  # the pair was cut to the bundle's max_length
+    note: str = ""  # why the student's answer stands where routing wanted the LLM
+
+
+@dataclass(frozen=True)
+class ScoredArrays:
+    """Array form of a scoring call, for evaluation code that wants numpy, not objects."""
+
+    probabilities: NDArray[np.float64]  # (N, C) final (student or LLM)
+    student_probabilities: NDArray[np.float64]  # (N, C) calibrated student
+    logits: NDArray[np.float32]  # (N, C) raw student logits
+    ood_scores: NDArray[np.float64]  # (N,)
+    candidate: NDArray[np.bool_]  # routing wanted the LLM
+    routed: NDArray[np.bool_]  # within budget
+    from_llm: NDArray[np.bool_]  # the fallback answered
+    truncated: NDArray[np.bool_]
+    notes: list[str]
+
+
+def softmax(logits: NDArray[np.floating], temperature: float = 1.0) -> NDArray[np.float64]:
+    z = np.asarray(logits, np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Scorer:
+    """Scores pairs with a bundle. One instance serves many threads."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        precision: str = "int8",
+        session: SessionConfig | None = None,
+        batch_size: int = 32,
+        routing: RoutingPolicy | None = None,
+        fallback: Fallback | None = None,
+    ) -> None:
+        if precision not in bundle.precisions:
+            raise BundleError(
+                f"bundle {bundle.directory} has no {precision!r} model; it has {bundle.precisions}"
+            )
+        manifest = bundle.manifest
+        self.bundle = bundle
+        self.precision = precision
+        self.grade_names = bundle.grade_names
+        self.gains = np.asarray(bundle.grade_gains, np.float64)
+        self.temperature = float(manifest.get("calibration", {}).get("temperature", 1.0))
+        if not self.temperature > 0:
+            raise BundleError(
+                f"{bundle.directory}: calibration temperature must be > 0, got {self.temperature}"
+            )
+        self.model = RelevanceModel(
+            bundle.path_of(model_role(precision)),
+            bundle.path_of(ROLE_TOKENIZER),
+            max_length=bundle.max_length,
+            session=session,
+            batch_size=batch_size,
+        )
+        if self.model.n_grades not in (None, len(self.grade_names)):
+            raise BundleError(
+                f"{bundle.directory}: the model gives {self.model.n_grades} grades, "
+                f"the manifest names {len(self.grade_names)}"
+            )
+        self.detector = MahalanobisDetector.load(bundle.path_of(ood_role(precision)))
+        self.routing = routing or RoutingPolicy.from_manifest(manifest, precision)
+        self.fallback = fallback
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], **options: object) -> Scorer:
+        """Load and verify the bundle at ``directory``; ``options`` go to the constructor."""
+        return cls(load_bundle(directory), **options)  # type: ignore[arg-type]
+
+    # ----------------------------------------------------------------------------------------------
+    def score(self, query: str, items: Sequence[str]) -> list[PairScore]:
+        """Grade every item against one query; an empty item list gives an empty list."""
+        _check_text(query, "query")
+        _check_items(items, "items")
+        return self._to_results(self.score_arrays([query] * len(items), list(items)))
+
+    def score_many(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[list[PairScore]]:
+        """Many queries in one batch: ``[(query, items), ...]`` → one result list per query."""
+        if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence):
+            raise InputError("requests must be a sequence of (query, items) tuples")
+        queries: list[str] = []
+        items: list[str] = []
+        sizes: list[int] = []
+        for i, request in enumerate(requests):
+            if not (isinstance(request, Sequence) and len(request) == 2):
+                raise InputError(
+                    f"requests[{i}] must be a (query, items) tuple, got {type(request).__name__}"
+                )
+            query, its = request
+            _check_text(query, f"requests[{i}].query")
+            _check_items(its, f"requests[{i}].items")
+            queries.extend([query] * len(its))
+            items.extend(its)
+            sizes.append(len(its))
+        flat = self._to_results(self.score_arrays(queries, items))
+        out, start = [], 0
+        for size in sizes:
+            out.append(flat[start : start + size])
+            start += size
+        return out
+
+    def score_arrays(self, queries: Sequence[str], items: Sequence[str]) -> ScoredArrays:
+        """Score aligned pairs and return arrays; inputs are trusted to be validated strings."""
+        outputs = self.model.run(queries, items)
+        student = softmax(outputs.logits, self.temperature)
+        ood = self.detector.score(outputs.pooled) if len(queries) else np.zeros(0)
+        decision = self.routing.decide(student, ood)
+        n = len(queries)
+        notes = [""] * n
+        final = student.copy()
+        from_llm = np.zeros(n, bool)
+        for i in np.flatnonzero(decision.candidate & ~decision.routed):
+            notes[i] = "routing budget exhausted: student answer kept"
+        routed_index = np.flatnonzero(decision.routed)
+        if len(routed_index):
+            if self.fallback is None:
+                for i in routed_index:
+                    notes[i] = "no fallback configured: student answer kept"
+            else:
+                routed_pairs = [(queries[i], items[i]) for i in routed_index.tolist()]
+                answer, error = self._ask_fallback(self.fallback, routed_pairs)
+                if answer is None:
+                    for i in routed_index:
+                        notes[i] = f"fallback failed ({error}): student answer kept"
+                else:
+                    final[routed_index] = answer
+                    from_llm[routed_index] = True
+        return ScoredArrays(
+            probabilities=final,
+            student_probabilities=student,
+            logits=outputs.logits,
+            ood_scores=ood,
+            candidate=decision.candidate,
+            routed=decision.routed,
+            from_llm=from_llm,
+            truncated=outputs.truncated,
+            notes=notes,
+        )
+
+    def _ask_fallback(
+        self, fallback: Fallback, pairs: list[tuple[str, str]]
+    ) -> tuple[NDArray[np.float64] | None, str]:
+        try:
+            raw = fallback(list(pairs))
+            answer = np.asarray(raw, dtype=np.float64)
+        except Exception as exc:  # a fallback must never take the node down
+            logger.warning("fallback raised %s: %s", type(exc).__name__, exc)
+            return None, f"{type(exc).__name__}: {exc}"
+        expected = (len(pairs), len(self.grade_names))
+        if answer.shape != expected:
+            logger.warning("fallback returned shape %s, expected %s", answer.shape, expected)
+            return None, f"returned shape {answer.shape}, expected {expected}"
+        sums = answer.sum(axis=1)
+        if not np.all(np.isfinite(answer)) or (answer < 0).any() or not np.allclose(sums, 1.0, atol=1e-3):
+            logger.warning("fallback returned rows that are not probability distributions")
+            return None, "returned rows that are not probability distributions"
+        return answer / sums[:, None], ""
+
+    def _to_results(self, scored: ScoredArrays) -> list[PairScore]:
+        probs = scored.probabilities
+        expected = probs @ self.gains
+        grades = probs.argmax(axis=1)
+        return [
+            PairScore(
+                probabilities=tuple(float(p) for p in probs[i]),
+                expected_relevance=float(expected[i]),
+                grade=int(grades[i]),
+                ood_score=float(scored.ood_scores[i]),
+                routed=bool(scored.routed[i]),
+                source="llm" if scored.from_llm[i] else "student",
+                truncated=bool(scored.truncated[i]),
+                note=scored.notes[i],
+            )
+            for i in range(len(probs))
+        ]
+
+
+def _check_text(value: object, field: str) -> None:
+    if not isinstance(value, str):
+        raise InputError(f"{field} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InputError(f"{field} is empty or whitespace only; give it some text")
+
+
+def _check_items(items: object, field: str) -> None:
+    if isinstance(items, (str, bytes)):
+        raise InputError(f"{field} must be a list of strings, got a single {type(items).__name__}")
+    if not isinstance(items, Sequence):
+        raise InputError(f"{field} must be a list of strings, got {type(items).__name__}")
+    for i, item in enumerate(items):
+        _check_text(item, f"{field}[{i}]")
+
+
+__all__ = ["Fallback", "PairScore", "ScoredArrays", "Scorer", "softmax"]

@@ -1,0 +1,291 @@
+"""Train a student on teacher probabilities (and human grades where known), predict, and save it."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from darl_lite.distill.backbone import (
+    DEFAULT_MAX_LENGTH,
+    accepts_token_type_ids,
+    collate,
+    model_device,
+    pad_token_id_of,
+    tokenize_pairs,
+)
+from darl_lite.distill.losses import distillation_loss
+from darl_lite.errors import InputError
+from darl_lite.types import Pair
+
+logger = logging.getLogger(__name__)
+
+#: Batches are formed inside shuffled windows of this many batches, sorted by length: enough to
+#: group similar lengths (little padding) while keeping batches different from epoch to epoch.
+_BUCKET_WINDOW = 50
+#: Tolerance on teacher rows summing to 1 (float32 files written by other tools round).
+_ROW_SUM_ATOL = 1e-3
+
+
+@dataclass(frozen=True, slots=True)
+class DistillConfig:
+    """Hyper-parameters of one distillation run; invalid values raise :class:`InputError` at once.
+
+    ``max_steps`` (if set) stops the run early, before ``epochs`` are done; the learning-rate
+    schedule (linear warm-up over ``warmup_ratio`` of the steps, then linear decay to 0) is laid over
+    the steps that will actually run. ``grad_clip`` is the max global gradient norm (``None``: off).
+    """
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    temperature: float = 2.0
+    alpha: float = 0.5
+    max_length: int = DEFAULT_MAX_LENGTH
+    seed: int = 0
+    max_steps: int | None = None
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (self.epochs >= 1, f"epochs must be >= 1; got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1; got {self.batch_size}"),
+            (self.lr > 0, f"lr must be > 0; got {self.lr}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0; got {self.weight_decay}"),
+            (0 <= self.warmup_ratio < 1, f"warmup_ratio must lie in [0, 1); got {self.warmup_ratio}"),
+            (self.temperature > 0, f"temperature must be > 0; got {self.temperature}"),
+            (0 <= self.alpha <= 1, f"alpha must lie in [0, 1]; got {self.alpha}"),
+            (self.max_length >= 8, f"max_length must be >= 8 tokens; got {self.max_length}"),
+            (
+                self.max_steps is None or self.max_steps >= 1,
+                f"max_steps must be None or >= 1; got {self.max_steps}",
+            ),
+            (
+                self.grad_clip is None or self.grad_clip > 0,
+                f"grad_clip must be None or > 0; got {self.grad_clip}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(f"DistillConfig: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    """What a run did: the loss of every optimiser step, in order, and the wall time it took."""
+
+    losses: tuple[float, ...]
+    seconds: float
+    steps: int
+    pairs_seen: int
+
+    @property
+    def pairs_per_second(self) -> float:
+        """Training throughput (tokenisation included), for sizing runs."""
+        return self.pairs_seen / self.seconds if self.seconds > 0 else math.inf
+
+
+def _validate_inputs(pairs: Sequence[Pair], teacher_probs: np.ndarray, n_labels: int) -> NDArray[np.float32]:
+    if len(pairs) == 0:
+        raise InputError(
+            "distill_student got no pairs; pass at least one pair with its teacher probabilities"
+        )
+    probs = np.asarray(teacher_probs)
+    if probs.ndim != 2 or probs.shape != (len(pairs), n_labels):
+        raise InputError(
+            f"teacher_probs must have shape (len(pairs), n_labels) = ({len(pairs)}, {n_labels}) to match "
+            f"the pairs and the student's head; got {probs.shape}"
+        )
+    if not np.issubdtype(probs.dtype, np.floating) or not np.all(np.isfinite(probs)):
+        raise InputError("teacher_probs must be finite floating-point probabilities")
+    if probs.min() < 0:
+        raise InputError(
+            f"teacher_probs must be >= 0; row {int(np.argmin(probs.min(axis=1)))} has a negative"
+        )
+    sums = probs.sum(axis=1)
+    off = np.flatnonzero(np.abs(sums - 1.0) > _ROW_SUM_ATOL)
+    if off.size:
+        raise InputError(
+            f"each teacher_probs row must sum to 1 (±{_ROW_SUM_ATOL}); {off.size} rows do not, "
+            f"e.g. row {int(off[0])} sums to {float(sums[off[0]]):.6f}. Pass probabilities, not logits."
+        )
+    for i, pair in enumerate(pairs):
+        if pair.grade is not None and not 0 <= pair.grade < n_labels:
+            raise InputError(f"pairs[{i}].grade must be None or in [0, {n_labels}); got {pair.grade}")
+    return probs.astype(np.float32, copy=False)
+
+
+def _length_bucketed_batches(
+    lengths: Sequence[int], batch_size: int, rng: np.random.Generator
+) -> list[list[int]]:
+    """One epoch of batches: shuffle, sort by length within windows, cut, shuffle the batches.
+
+    Sorting gathers pairs of similar length so a batch pads little; shuffling before and after keeps
+    the order (and the batches themselves) random and seeded.
+    """
+    order = rng.permutation(len(lengths))
+    window = batch_size * _BUCKET_WINDOW
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window].tolist(), key=lambda i: lengths[i])
+        batches.extend(chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def distill_student(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[Pair],
+    teacher_probs: np.ndarray,
+    config: DistillConfig | None = None,
+    *,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` in place on ``(pairs, teacher_probs)`` with :func:`distillation_loss`.
+
+    Pairs are tokenised once as (query, item) sentence pairs, truncated to ``config.max_length``, and
+    batched by length. Human grades come from ``Pair.grade`` (``None`` counts as ungraded). The
+    optimiser is AdamW (no decay on biases and LayerNorm weights) with linear warm-up and decay. The
+    run seeds torch and the batch order with ``config.seed``; it does not change torch's thread count
+    (that is the caller's choice). The model is left in eval mode.
+    """
+    config = config or DistillConfig()
+    n_labels = int(model.config.num_labels)
+    probs = _validate_inputs(pairs, teacher_probs, n_labels)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    device = model_device(model)
+    pad_id = pad_token_id_of(model, tokenizer)
+
+    started = time.perf_counter()
+    features = tokenize_pairs(
+        tokenizer, pairs, config.max_length, token_type_ids=accepts_token_type_ids(model)
+    )
+    lengths = [len(f["input_ids"]) for f in features]
+    targets = torch.from_numpy(probs)
+    grades = torch.tensor([-1 if p.grade is None else p.grade for p in pairs], dtype=torch.long)
+
+    batches_per_epoch = math.ceil(len(pairs) / config.batch_size)
+    total_steps = config.epochs * batches_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": config.weight_decay},
+        {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(config.warmup_ratio * total_steps), total_steps
+    )
+
+    model.train()
+    losses: list[float] = []
+    pairs_seen = 0
+    running: float | None = None
+    bar = tqdm(total=total_steps, desc="distill", unit="step", disable=not progress)
+    try:
+        for _epoch in range(config.epochs):
+            if len(losses) >= total_steps:
+                break
+            for batch in _length_bucketed_batches(lengths, config.batch_size, rng):
+                if len(losses) >= total_steps:
+                    break
+                index = torch.tensor(batch, dtype=torch.long)
+                inputs = collate([features[i] for i in batch], pad_id, device)
+                logits = model(**inputs).logits
+                loss = distillation_loss(
+                    logits,
+                    targets[index].to(device),
+                    grades[index].to(device),
+                    temperature=config.temperature,
+                    alpha=config.alpha,
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"distillation loss became {value} at step {len(losses) + 1}; lower lr "
+                        f"(now {config.lr}) or check the teacher probabilities"
+                    )
+                losses.append(value)
+                pairs_seen += len(batch)
+                running = value if running is None else 0.9 * running + 0.1 * value
+                bar.set_postfix(loss=f"{running:.4f}")
+                bar.update(1)
+    finally:
+        bar.close()
+        model.eval()
+    seconds = time.perf_counter() - started
+    logger.info(
+        "distilled %d steps (%d pairs) in %.1f s: loss %.4f -> %.4f",
+        len(losses),
+        pairs_seen,
+        seconds,
+        losses[0],
+        losses[-1],
+    )
+    return TrainResult(losses=tuple(losses), seconds=seconds, steps=len(losses), pairs_seen=pairs_seen)
+
+
+def predict_logits(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[Pair],
+    batch_size: int = 64,
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> NDArray[np.float32]:
+    """Student logits ``(len(pairs), n_labels)`` in input order; ``(0, n_labels)`` for no pairs.
+
+    Runs in eval mode under ``no_grad`` in length-sorted batches (for speed), then restores input
+    order and the model's previous train/eval mode.
+    """
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1; got {batch_size}")
+    n_labels = int(model.config.num_labels)
+    out = np.empty((len(pairs), n_labels), dtype=np.float32)
+    if not pairs:
+        return out
+    features = tokenize_pairs(tokenizer, pairs, max_length, token_type_ids=accepts_token_type_ids(model))
+    order = sorted(range(len(pairs)), key=lambda i: len(features[i]["input_ids"]))
+    device = model_device(model)
+    pad_id = pad_token_id_of(model, tokenizer)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                logits = model(**collate([features[i] for i in idx], pad_id, device)).logits
+                out[idx] = logits.float().cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def save_student(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """Save model (safetensors) and tokenizer to ``out_dir`` so :func:`load_student` can reload them."""
+    path = Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    logger.info("saved student to %s", path)
+    return path

@@ -1,0 +1,222 @@
+"""Build a bundle from a trained student: ONNX fp32 + int8, parity gate, calibration, OOD fit.
+
+Everything the runtime needs is measured here on real data and written into one directory by the
+runtime's own saver (:func:`darl_lite.bundle.write_bundle`), so export needs no training code:
+it reads a saved Hugging Face model folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from darl_lite.bundle import ROLE_TOKENIZER, Bundle, model_role, ood_role, write_bundle
+from darl_lite.errors import DarlLiteError, InputError
+from darl_lite.export.onnx_export import export_onnx
+from darl_lite.export.parity import ParityThresholds, check_parity, parity_report, worst_pairs
+from darl_lite.export.quantize import detect_preset, quantize_int8
+from darl_lite.inference import RelevanceModel, SessionConfig
+from darl_lite.metrics import expected_calibration_error
+from darl_lite.ood import MahalanobisDetector, threshold_for_coverage
+from darl_lite.scorer import softmax
+from darl_lite.types import GRADE_GAINS, GRADE_NAMES, Pair
+
+logger = logging.getLogger(__name__)
+
+
+class ParityError(DarlLiteError):
+    """The int8 model answers too differently from fp32; the export is refused."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    max_length: int = 64
+    preset: str = "auto"  # "auto": detected from this CPU (see quantize.detect_preset)
+    per_channel: bool = True
+    exclude_nodes: str | None = "auto"
+    ood_coverage: float = 0.95  # share of in-distribution dev pairs kept below the OOD threshold
+    margin_quantile: float = 0.05  # share of in-distribution dev pairs routed as uncertain
+    max_route_fraction: float = 0.25
+    thresholds: ParityThresholds = field(default_factory=ParityThresholds)
+    allow_parity_failure: bool = False  # recorded in the manifest when used
+    threads: int = 0
+
+
+def fit_temperature(logits: NDArray[np.floating], grades: NDArray[np.integer]) -> float:
+    """The temperature T minimising the negative log-likelihood of softmax(logits / T).
+
+    A one-dimensional problem: golden-section search over log T in [log 0.05, log 20].
+    """
+    z = np.asarray(logits, np.float64)
+    y = np.asarray(grades)
+    if len(z) == 0:
+        raise InputError("cannot fit a temperature on zero labelled pairs")
+
+    def nll(log_t: float) -> float:
+        p = softmax(z, float(np.exp(log_t)))
+        return float(-np.mean(np.log(p[np.arange(len(y)), y] + 1e-12)))
+
+    lo, hi = np.log(0.05), np.log(20.0)
+    ratio = (np.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(60):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = nll(b)
+    return float(np.exp((lo + hi) / 2))
+
+
+def _labelled(pairs: Sequence[Pair], name: str) -> tuple[list[str], list[str], NDArray[np.int64]]:
+    kept = [p for p in pairs if p.grade is not None]
+    if not kept:
+        raise InputError(f"{name} pairs carry no human grades; export needs graded pairs to calibrate")
+    return [p.query for p in kept], [p.item for p in kept], np.asarray([p.grade for p in kept], np.int64)
+
+
+def build_bundle(
+    student_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    train_pairs: Sequence[Pair],
+    dev_pairs: Sequence[Pair],
+    parity_pairs: Sequence[Pair],
+    teacher: Mapping[str, Any] | None = None,
+    config: ExportConfig | None = None,
+    overwrite: bool = False,
+) -> Bundle:
+    """Export ``student_dir`` (a saved HF sequence-classification model) to a verified bundle.
+
+    ``train_pairs`` (in-distribution, graded) fit the OOD statistics; ``dev_pairs`` (in-distribution,
+    graded) set the calibration temperature, the OOD threshold and the uncertainty margin;
+    ``parity_pairs`` (held out; graded ones also give NDCG retention) feed the parity gate.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg = config or ExportConfig()
+    started = time.perf_counter()
+    model = AutoModelForSequenceClassification.from_pretrained(student_dir, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(student_dir, local_files_only=True)
+    n_grades = int(model.config.num_labels)
+    session = SessionConfig(intra_op_threads=cfg.threads)
+
+    with tempfile.TemporaryDirectory(prefix="darl-export-") as tmp:
+        work = Path(tmp)
+        fp32_path, int8_path = work / "model_fp32.onnx", work / "model_int8.onnx"
+        export_info = export_onnx(model, tokenizer, fp32_path)
+        quant_info = quantize_int8(
+            fp32_path,
+            int8_path,
+            preset=detect_preset() if cfg.preset == "auto" else cfg.preset,
+            per_channel=cfg.per_channel,
+            exclude_nodes=cfg.exclude_nodes,
+        )
+        tokenizer_path = work / "tokenizer.json"
+        tokenizer.backend_tokenizer.save(str(tokenizer_path))
+
+        fp32 = RelevanceModel(fp32_path, tokenizer_path, max_length=cfg.max_length, session=session)
+        int8 = RelevanceModel(int8_path, tokenizer_path, max_length=cfg.max_length, session=session)
+
+        # Parity gate on held-out pairs.
+        pq, pi = [p.query for p in parity_pairs], [p.item for p in parity_pairs]
+        fp32_logits, int8_logits = fp32.run(pq, pi).logits, int8.run(pq, pi).logits
+        graded = all(p.grade is not None for p in parity_pairs)
+        parity = parity_report(
+            fp32_logits,
+            int8_logits,
+            grades=np.asarray([p.grade for p in parity_pairs]) if graded else None,
+            query_ids=[p.query_id or p.query for p in parity_pairs] if graded else None,
+            gains=GRADE_GAINS[:n_grades],
+        )
+        failures = check_parity(parity, cfg.thresholds)
+        if failures:
+            worst = worst_pairs(fp32_logits, int8_logits, k=5)
+            listing = "; ".join(f"({pq[i]!r}, {pi[i]!r})" for i in worst)
+            message = f"int8 parity gate failed: {'; '.join(failures)}. Worst pairs: {listing}"
+            if not cfg.allow_parity_failure:
+                raise ParityError(message + ". Re-export with allow_parity_failure (--allow-parity-failure).")
+            logger.warning("%s (overridden by allow_parity_failure)", message)
+
+        # Calibration and the uncertainty margin from in-distribution dev pairs (served int8 model).
+        tq, ti, ty = _labelled(train_pairs, "train")
+        dq, di, dy = _labelled(dev_pairs, "dev")
+        dev_int8 = int8.run(dq, di)
+        temperature = fit_temperature(dev_int8.logits, dy)
+        ece_before = expected_calibration_error(softmax(dev_int8.logits), dy)
+        calibrated = softmax(dev_int8.logits, temperature)
+        ece_after = expected_calibration_error(calibrated, dy)
+        top2 = np.sort(calibrated, axis=1)[:, -2:]
+        margin_threshold = float(np.quantile(top2[:, 1] - top2[:, 0], cfg.margin_quantile))
+
+        # OOD statistics per precision (int8 noise shifts the representation), fitted on
+        # in-distribution training representations; thresholds from held-out dev pairs.
+        ood_files: dict[str, Path] = {}
+        ood_thresholds: dict[str, float] = {}
+        for precision, relevance_model in (("int8", int8), ("fp32", fp32)):
+            detector = MahalanobisDetector.fit(relevance_model.run(tq, ti).pooled, ty)
+            dev_pooled = dev_int8.pooled if precision == "int8" else relevance_model.run(dq, di).pooled
+            ood_thresholds[precision] = threshold_for_coverage(detector.score(dev_pooled), cfg.ood_coverage)
+            ood_files[precision] = work / f"ood_{precision}.npz"
+            detector.save(ood_files[precision])
+
+        manifest: dict[str, Any] = {
+            "max_length": cfg.max_length,
+            "grades": {"names": list(GRADE_NAMES[:n_grades]), "gains": list(GRADE_GAINS[:n_grades])},
+            "model": {
+                "input_names": export_info.input_names,
+                "outputs": {"logits": "logits", "pooled": "pooled"},
+                "export": asdict(export_info),
+                "default_precision": "int8",
+            },
+            "quantization": {k: v for k, v in asdict(quant_info).items() if not k.endswith("_path")},
+            "parity": {
+                **parity.to_dict(),
+                "thresholds": asdict(cfg.thresholds),
+                "passed": not failures,
+                "overridden": bool(failures) and cfg.allow_parity_failure,
+                "failures": failures,
+                "pairs": len(parity_pairs),
+            },
+            "calibration": {
+                "method": "temperature",
+                "temperature": temperature,
+                "ece_before": ece_before,
+                "ece_after": ece_after,
+                "dev_pairs": len(dy),
+            },
+            "ood": {
+                "method": "mahalanobis",
+                "thresholds": ood_thresholds,
+                "target_id_coverage": cfg.ood_coverage,
+                "fit_pairs": len(ty),
+                "threshold_pairs": len(dy),
+                "feature_dim": int(export_info.hidden_size),
+            },
+            "routing": {
+                "margin_threshold": margin_threshold,
+                "max_route_fraction": cfg.max_route_fraction,
+            },
+            "teacher": dict(teacher or {}),
+            "export_seconds": round(time.perf_counter() - started, 2),
+        }
+        files = {
+            model_role("int8"): int8_path,
+            model_role("fp32"): fp32_path,
+            ROLE_TOKENIZER: tokenizer_path,
+            **{ood_role(precision): path for precision, path in ood_files.items()},
+        }
+        return write_bundle(out_dir, files, manifest, overwrite=overwrite)
