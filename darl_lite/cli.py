@@ -212,12 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging(verbose: bool) -> None:
+    """Show darl-lite's own progress messages; third-party loggers (onnxruntime's quantizer logs
+    every node at INFO on the root logger) stay at WARNING."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    ours = logging.getLogger("darl_lite")
+    ours.handlers[:] = [handler]
+    ours.setLevel(logging.INFO if verbose else logging.WARNING)
+    ours.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose or args.command == "quickstart" else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(verbose=args.verbose or args.command == "quickstart")
     try:
         return int(args.handler(args))
     except DarlLiteError as exc:

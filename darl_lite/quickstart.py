@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 
 from darl_lite.errors import MissingExtraError
 from darl_lite.metrics import auroc, fpr_at_tpr, grading_report, spearman
+from darl_lite.route_curve import route_curve
 from darl_lite.types import GRADE_GAINS, Pair
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
     from darl_lite.distill.trainer import DistillConfig, distill_student, save_student
     from darl_lite.export.build import ExportConfig, build_bundle
     from darl_lite.inference import SessionConfig
-    from darl_lite.scorer import Scorer
+    from darl_lite.scorer import Scorer, softmax
     from darl_lite.teacher_file import FileTeacher
 
     cfg = config or QuickstartConfig()
@@ -134,20 +134,34 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
     fp32 = Scorer(bundle, precision="fp32", session=session)
     cascade = Scorer(bundle, precision="int8", session=session, fallback=teacher_fallback)
     test_sets = {"id_test": list(splits.id_test), "ood_test": list(splits.ood_test)}
+    majority = int(np.bincount([p.grade for p in train if p.grade is not None]).argmax())
+    baseline: dict[str, dict[str, float]] = {}
     metrics: dict[str, dict[str, dict[str, float]]] = {
         m: {} for m in ("teacher", "student_fp32", "student_int8", "cascade")
     }
     ood_scores: dict[str, np.ndarray] = {}
     route_rate: dict[str, float] = {}
+    curves: dict[str, list[dict[str, Any]]] = {}
     parity_logits: dict[str, list[np.ndarray]] = {"fp32": [], "int8": []}
     for split, pairs in test_sets.items():
         queries, items = [p.query for p in pairs], [p.item for p in pairs]
         scored_fp32 = fp32.score_arrays(queries, items)
         scored = cascade.score_arrays(queries, items)
+        constant = np.zeros((len(pairs), len(bundle.grade_names)))
+        constant[:, majority] = 1.0
+        baseline[split] = _evaluate(constant, pairs)
         metrics["teacher"][split] = _evaluate(teacher.predict_proba(pairs), pairs)
         metrics["student_fp32"][split] = _evaluate(scored_fp32.student_probabilities, pairs)
         metrics["student_int8"][split] = _evaluate(scored.student_probabilities, pairs)
         metrics["cascade"][split] = _evaluate(scored.probabilities, pairs)
+        curves[split] = route_curve(
+            scored.student_probabilities,
+            teacher.predict_proba(pairs),
+            cascade.routing.urgency(scored.student_probabilities, scored.ood_scores),
+            np.asarray([p.grade for p in pairs]),
+            [p.query_id or p.query for p in pairs],
+            gains=bundle.grade_gains,
+        )
         ood_scores[split] = scored.ood_scores
         route_rate[split] = float(scored.from_llm.mean())
         parity_logits["fp32"].append(scored_fp32.logits)
@@ -156,8 +170,6 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
 
     fp32_logits, int8_logits = (np.concatenate(parity_logits[k]) for k in ("fp32", "int8"))
     gains = np.asarray(bundle.grade_gains)
-    from darl_lite.scorer import softmax
-
     report: dict[str, Any] = {
         "teacher": {"name": teacher.name, "kind": teacher.kind},
         "splits": {
@@ -167,13 +179,15 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
             "ood_test": len(splits.ood_test),
         },
         "metrics": metrics,
+        "baselines": {"majority_grade": {"grade": majority, **baseline}},
         "ood_detection": {
             "auroc": auroc(ood_scores["id_test"], ood_scores["ood_test"]),
             "fpr_at_95_tpr": fpr_at_tpr(ood_scores["id_test"], ood_scores["ood_test"], tpr=0.95),
         },
         "routing": {
             "route_rate": route_rate,
-            "policy": bundle.manifest["routing"],
+            "policy": asdict(cascade.routing),
+            "curve": curves,
         },
         "parity": {
             "argmax_agreement": float(np.mean(fp32_logits.argmax(1) == int8_logits.argmax(1))),
@@ -185,7 +199,7 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
         "distill": {
             "steps": train_result.steps,
             "final_loss": _last(train_result.losses),
-            "config": vars_of(distill_cfg),
+            "config": asdict(distill_cfg),
         },
         "bundle": str(bundle.directory),
         "fold": cfg.fold,
@@ -197,12 +211,6 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
 
 def _last(values: Sequence[float]) -> float | None:
     return float(values[-1]) if len(values) else None
-
-
-def vars_of(obj: object) -> dict[str, Any]:
-    from dataclasses import asdict, is_dataclass
-
-    return asdict(obj) if is_dataclass(obj) and not isinstance(obj, type) else dict(vars(obj))
 
 
 def render_summary(report: dict[str, Any]) -> str:
@@ -220,9 +228,12 @@ def render_summary(report: dict[str, Any]) -> str:
         for split, m in by_split.items():
             cells = " | ".join(f"{m[key]:.3f}" for key in ("macro_f1", "accuracy", "ndcg@10", "ece"))
             lines.append(f"| {model} | {split} | {cells} |")
+    majority = report["baselines"]["majority_grade"]
     ood, routing, parity = report["ood_detection"], report["routing"], report["parity"]
     lines += [
         "",
+        f"Majority-grade baseline (always grade {majority['grade']}): macro-F1 "
+        f"{majority['id_test']['macro_f1']:.3f} id_test, {majority['ood_test']['macro_f1']:.3f} ood_test.",
         f"OOD detection (id_test vs ood_test pairs): AUROC {ood['auroc']:.3f}, "
         f"FPR@95%TPR {ood['fpr_at_95_tpr']:.3f}.",
         "Routed to the teacher: "
@@ -233,11 +244,17 @@ def render_summary(report: dict[str, Any]) -> str:
         f"Calibration temperature {report['calibration']['temperature']:.3f}: dev ECE "
         f"{report['calibration']['ece_before']:.3f} → {report['calibration']['ece_after']:.3f}.",
         "Time (s): " + ", ".join(f"{k} {v}" for k, v in report["timing_s"].items()) + ".",
+        "",
+        "Quality on ood_test when the most urgent pairs go to the teacher, against a random choice:",
+        "",
+        "| route rate | router macro-F1 | random macro-F1 | router NDCG@10 | random NDCG@10 |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {row['route_rate']:.0%} | {row['router']['macro_f1']:.3f} | {row['random']['macro_f1']:.3f} "
+            f"| {row['router']['ndcg@10']:.3f} | {row['random']['ndcg@10']:.3f} |"
+            for row in routing["curve"]["ood_test"]
+        ),
         f"Bundle: `{report['bundle']}`.",
         "",
     ]
     return "\n".join(lines)
-
-
-def default_out_dir() -> str:
-    return os.environ.get("DARL_LITE_OUT", QuickstartConfig.out_dir)

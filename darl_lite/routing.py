@@ -50,28 +50,35 @@ class RoutingPolicy:
         values.update({k: float(v) for k, v in overrides.items() if v is not None})
         return cls(**values)
 
+    def urgency(
+        self, probabilities: NDArray[np.floating], ood_scores: NDArray[np.floating]
+    ) -> NDArray[np.float64]:
+        """How far each pair lies past either threshold, relative to it; > 0 makes it a candidate.
+
+        ``max(ood / ood_threshold - 1, (margin_threshold - margin) / margin_threshold)``, where the
+        margin is the gap between the two most probable grades.
+        """
+        probs = np.asarray(probabilities, np.float64)
+        if len(probs) == 0:
+            return np.zeros(0)
+        top2 = np.sort(probs, axis=1)[:, -2:]
+        margin = top2[:, 1] - top2[:, 0]
+        score: NDArray[np.float64] = (self.margin_threshold - margin) / max(self.margin_threshold, 1e-12)
+        if np.isfinite(self.ood_threshold):
+            score = np.maximum(score, np.asarray(ood_scores, np.float64) / self.ood_threshold - 1.0)
+        return score
+
     def decide(
         self, probabilities: NDArray[np.floating], ood_scores: NDArray[np.floating]
     ) -> RoutingDecision:
-        """Candidates and the routed subset for one call's pairs."""
-        n = len(ood_scores)
-        if n == 0:
-            empty = np.zeros(0, bool)
-            return RoutingDecision(empty, empty)
-        top2 = np.sort(probabilities, axis=1)[:, -2:]
-        margin = top2[:, 1] - top2[:, 0]
-        ood_excess = ood_scores / self.ood_threshold - 1.0 if np.isfinite(self.ood_threshold) else None
-        margin_excess = (self.margin_threshold - margin) / max(self.margin_threshold, 1e-12)
-        candidate = margin < self.margin_threshold
-        if ood_excess is not None:
-            candidate |= ood_excess > 0.0
-        budget = int(np.floor(self.max_route_fraction * n + 1e-9))
-        routed = candidate.copy()
+        """Candidates and the routed subset for one call's pairs: the most urgent within budget."""
+        urgency = self.urgency(probabilities, ood_scores)
+        candidate = urgency > 0.0
+        budget = int(np.floor(self.max_route_fraction * len(urgency) + 1e-9))
+        routed = candidate
         if candidate.sum() > budget:
-            urgency = margin_excess if ood_excess is None else np.maximum(ood_excess, margin_excess)
-            urgency = np.where(candidate, urgency, -np.inf)
-            keep = np.argsort(-urgency, kind="stable")[:budget]
-            routed = np.zeros(n, bool)
+            keep = np.argsort(-np.where(candidate, urgency, -np.inf), kind="stable")[:budget]
+            routed = np.zeros(len(urgency), bool)
             routed[keep] = True
         return RoutingDecision(candidate=candidate, routed=routed)
 
