@@ -6,6 +6,7 @@ package needs numpy, onnxruntime and tokenizers only; training and export live i
 ``distill`` and ``export`` extras (``darl_lite.distill``, ``darl_lite.export``).
 """
 
+from darl_lite.budget import RouteBudget
 from darl_lite.bundle import Bundle, load_bundle
 from darl_lite.errors import BundleError, DarlLiteError, DataError, InputError, MissingExtraError
 from darl_lite.inference import SessionConfig
@@ -28,6 +29,7 @@ __all__ = [
     "MissingExtraError",
     "Pair",
     "PairScore",
+    "RouteBudget",
     "RoutingPolicy",
     "Scorer",
     "SessionConfig",

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from darl_lite.errors import DarlLiteError
+from darl_lite.errors import DarlLiteError, InputError
 
 logger = logging.getLogger("darl_lite.cli")
 
@@ -118,6 +118,103 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_rates(text: str) -> list[float]:
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--rates must be comma-separated numbers, got {text!r}") from exc
+    if not rates or any(not 0.0 <= r <= 1.0 for r in rates):
+        raise argparse.ArgumentTypeError(f"--rates must be numbers in [0, 1], got {text!r}")
+    return rates
+
+
+def _cmd_route_curve(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from darl_lite.datasets import load_dbpedia
+    from darl_lite.inference import SessionConfig
+    from darl_lite.metrics import grading_report
+    from darl_lite.quickstart import shipped_teacher_path
+    from darl_lite.route_curve import route_curve
+    from darl_lite.scorer import Scorer
+    from darl_lite.teacher_file import FileTeacher
+
+    pairs = list(load_dbpedia(fold=args.fold).split(args.split))
+    teacher = FileTeacher.from_file(args.teacher or shipped_teacher_path())
+    overrides = {"rule": args.rule} if args.rule else {}
+    scorer = Scorer.load(
+        args.bundle, precision=args.precision, session=SessionConfig(intra_op_threads=args.threads)
+    )
+    if overrides:
+        from darl_lite.routing import RoutingPolicy
+
+        scorer.routing = RoutingPolicy.from_manifest(scorer.bundle.manifest, args.precision, **overrides)
+    scored = scorer.score_arrays([p.query for p in pairs], [p.item for p in pairs])
+    grades = np.asarray([p.grade for p in pairs])
+    query_ids = [p.query_id or p.query for p in pairs]
+    teacher_probs = teacher.predict_proba(pairs)
+    rows = route_curve(
+        scored.student_probabilities,
+        teacher_probs,
+        scorer.routing.urgency(scored.student_probabilities, scored.ood_scores),
+        grades,
+        query_ids,
+        rates=args.rates,
+        seed=args.seed,
+        gains=scorer.bundle.grade_gains,
+        random_repeats=args.repeats,
+    )
+    full = grading_report(teacher_probs, grades, query_ids, gains=scorer.bundle.grade_gains)
+    if args.json:
+        print(
+            json.dumps(
+                {"split": args.split, "rule": scorer.routing.rule, "teacher": full, "curve": rows}, indent=2
+            )
+        )
+        return 0
+    print(
+        f"{args.split}: {len(pairs):,} pairs, rule {scorer.routing.rule!r}, "
+        f"random = mean of {args.repeats} draws; teacher alone: macro-F1 {full['macro_f1']:.3f}, "
+        f"NDCG@10 {full['ndcg@10']:.3f}"
+    )
+    print(
+        f"{'route rate':>10}  {'router F1':>9}  {'random F1':>9}  "
+        f"{'router NDCG@10':>14}  {'random NDCG@10':>14}"
+    )
+    for row in rows:
+        router, rand = row["router"], row["random"]
+        print(
+            f"{row['route_rate']:>10.1%}  {router['macro_f1']:>9.3f}  {rand['macro_f1']:>9.3f}  "
+            f"{router['ndcg@10']:>14.3f}  {rand['ndcg@10']:>14.3f}"
+        )
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from darl_lite.inference import SessionConfig
+    from darl_lite.scorer import Scorer
+    from darl_lite.serve import ServeConfig, serve
+
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env, "")
+        if not token.strip():
+            raise InputError(
+                f"--token-env {args.token_env}: that environment variable is unset or empty; "
+                "export the bearer token in it, or drop --token-env to serve without one"
+            )
+    scorer = Scorer.load(
+        args.bundle, precision=args.precision, session=SessionConfig(intra_op_threads=args.threads)
+    )
+    config = ServeConfig(
+        host=args.host, port=args.port, max_items=args.max_items, max_body_bytes=args.max_body_bytes
+    )
+    serve(scorer, config, token=token)
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from darl_lite.bundle import load_bundle
 
@@ -205,6 +302,41 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--threads", type=int, default=0)
     score.add_argument("--json", action="store_true", help="print JSON instead of a table")
     score.set_defaults(handler=_cmd_score)
+
+    curve = sub.add_parser(
+        "route-curve",
+        allow_abbrev=False,
+        help="quality vs route rate: the router against random routing at equal rates",
+    )
+    curve.add_argument("bundle")
+    curve.add_argument("--teacher", default=None, help="teacher outputs file (default: the shipped one)")
+    curve.add_argument("--split", default="ood_test", choices=["ood_test", "id_test", "dev", "ood_dev"])
+    curve.add_argument(
+        "--rates", type=_parse_rates, default=[0.0, 0.05, 0.1, 0.2], help="e.g. 0,0.05,0.1,0.2"
+    )
+    curve.add_argument(
+        "--rule", default=None, choices=["expected_error", "threshold_excess"], help="override"
+    )
+    curve.add_argument("--fold", type=int, default=0, choices=range(5))
+    curve.add_argument("--precision", default="int8", choices=["int8", "fp32"])
+    curve.add_argument("--threads", type=int, default=0)
+    curve.add_argument("--repeats", type=int, default=10, help="random draws averaged (default 10)")
+    curve.add_argument("--seed", type=int, default=0)
+    curve.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    curve.set_defaults(handler=_cmd_route_curve)
+
+    srv = sub.add_parser("serve", allow_abbrev=False, help="serve a bundle over HTTP (needs the serve extra)")
+    srv.add_argument("bundle")
+    srv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument(
+        "--token-env", default=None, help="name of the environment variable holding the bearer token"
+    )
+    srv.add_argument("--max-items", type=int, default=1000, help="items per request (all queries)")
+    srv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size limit")
+    srv.add_argument("--precision", default="int8", choices=["int8", "fp32"])
+    srv.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = auto)")
+    srv.set_defaults(handler=_cmd_serve)
 
     inspect = sub.add_parser("inspect", allow_abbrev=False, help="verify a bundle and print its manifest")
     inspect.add_argument("bundle")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 #: WordPiece/BPE vocabulary covers more, so the kept ids are unchanged, and a 1 MB item costs
 #: no more than a long one. The cut is reported as truncation.
 CHARS_PER_TOKEN_CAP = 100
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ class RelevanceModel:
         if cut.any():
             queries = [q[:cap] for q in queries]
             items = [t[:cap] for t in items]
-        encodings = self.tokenizer.encode_batch(list(zip(queries, items, strict=True)))
+        encodings = self._encode(queries, items)
         lengths = np.fromiter((len(e.ids) for e in encodings), np.int64, n)
         truncated = cut | np.fromiter((len(e.overflowing) > 0 for e in encodings), bool, n)
 
@@ -170,6 +172,19 @@ class RelevanceModel:
             pooled[index] = batch_pooled
         assert logits is not None and pooled is not None  # n > 0 guarantees one batch
         return ModelOutputs(logits, pooled, truncated, lengths)
+
+    def _encode(self, queries: Sequence[str], items: Sequence[str]) -> list:
+        try:
+            return self.tokenizer.encode_batch(list(zip(queries, items, strict=True)))
+        except TypeError:
+            # A lone surrogate (e.g. from a bad UTF-16 decode) cannot cross into Rust: score the
+            # text with U+FFFD in its place, as a UTF-8 decoder with errors="replace" would.
+            return self.tokenizer.encode_batch(
+                [
+                    (_LONE_SURROGATE.sub("\ufffd", q), _LONE_SURROGATE.sub("\ufffd", t))
+                    for q, t in zip(queries, items, strict=True)
+                ]
+            )
 
     def _feeds(self, encodings: list, width: int) -> dict[str, NDArray[np.int64]]:
         rows = len(encodings)

@@ -87,6 +87,7 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
     logger.info("teacher %r (%s); %d training pairs", teacher.name, teacher.kind, len(train))
 
     # 1. Distil the teacher's grade distributions into the student.
+    logger.info("1/3 distilling the teacher into the MiniLM-L6 student (%d pairs)", len(train))
     started = time.perf_counter()
     model, tokenizer = load_student()
     distill_cfg = DistillConfig(
@@ -106,6 +107,7 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
     timing["distill"] = time.perf_counter() - started
 
     # 2. Export: ONNX fp32 + int8, parity gate, calibration, OOD detector, one bundle.
+    logger.info("2/3 exporting: ONNX fp32 + int8, parity gate, calibration, OOD detector")
     started = time.perf_counter()
     teacher_identity = {
         "name": teacher.name,
@@ -125,6 +127,7 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
     timing["export"] = time.perf_counter() - started
 
     # 3. Score both test sets: fp32 and int8 students, and the int8 cascade routing to the teacher.
+    logger.info("3/3 scoring id_test and ood_test (fp32, int8, int8 cascade routing to the teacher)")
     started = time.perf_counter()
     session = SessionConfig(intra_op_threads=cfg.threads)
 

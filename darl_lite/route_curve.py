@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from darl_lite.errors import InputError
 from darl_lite.metrics import grading_report
 from darl_lite.types import GRADE_GAINS
 
@@ -25,21 +26,34 @@ def route_curve(
     rates: Sequence[float] = DEFAULT_RATES,
     seed: int = 0,
     gains: Sequence[float] = GRADE_GAINS,
+    random_repeats: int = 1,
 ) -> list[dict[str, Any]]:
     """For each rate r: metrics when the ``r·N`` most urgent pairs take the LLM's answer, and when
-    ``r·N`` pairs chosen at random do."""
+    ``r·N`` pairs chosen at random do (averaged over ``random_repeats`` draws, seeds ``seed``,
+    ``seed + 1``, …: one draw is noisy enough on a few thousand pairs to decide a comparison)."""
+    if random_repeats < 1:
+        raise InputError(f"random_repeats must be >= 1, got {random_repeats}")
     student = np.asarray(student_probs, np.float64)
     llm = np.asarray(llm_probs, np.float64)
     n = len(student)
     by_urgency = np.argsort(-np.asarray(urgency, np.float64), kind="stable")
-    shuffled = np.random.default_rng(seed).permutation(n)
+    draws = [np.random.default_rng(seed + r).permutation(n) for r in range(random_repeats)]
+    qids = list(query_ids)
+
+    def report(order: NDArray[np.intp], k: int) -> dict[str, float]:
+        mixed = student.copy()
+        mixed[order[:k]] = llm[order[:k]]
+        return grading_report(mixed, np.asarray(grades), qids, gains=gains)
+
     rows = []
     for rate in rates:
         k = round(rate * n)
-        row: dict[str, Any] = {"route_rate": k / n if n else 0.0}
-        for name, order in (("router", by_urgency), ("random", shuffled)):
-            mixed = student.copy()
-            mixed[order[:k]] = llm[order[:k]]
-            row[name] = grading_report(mixed, np.asarray(grades), list(query_ids), gains=gains)
-        rows.append(row)
+        randoms = [report(order, k) for order in draws]
+        rows.append(
+            {
+                "route_rate": k / n if n else 0.0,
+                "router": report(by_urgency, k),
+                "random": {key: float(np.mean([r[key] for r in randoms])) for key in randoms[0]},
+            }
+        )
     return rows

@@ -1,66 +1,97 @@
-"""Which pairs go to the full LLM: out-of-distribution or uncertain ones, under a budget.
+"""Which pairs go to the full LLM: the ones the student most likely gets wrong, under a budget.
 
-A pair is a candidate when its OOD score exceeds ``ood_threshold`` (the student is out of its
-depth) or its top-two grade margin falls below ``margin_threshold`` (the student is unsure).
-``max_route_fraction`` caps the share of one call's pairs that may be sent; when more pairs are
-candidates, the most urgent ones go (largest excess over either threshold) and the rest keep the
-student's answer, flagged as over budget.
+Two rules, named in the manifest's ``routing.rule``:
+
+``expected_error`` (the default of a bundle's policy, :meth:`RoutingPolicy.from_manifest`)
+    urgency = ``(1 - max p) - error_threshold``: the calibrated probability that the student's grade
+    is wrong, past a threshold. Measured on the shipped dev splits, this finds the pairs where the
+    teacher would change the answer; the OOD score does not (the most out-of-distribution pairs are
+    mostly irrelevant items that student and teacher both grade 0, so routing them buys nothing). The
+    OOD score still comes with every result, for monitoring.
+``threshold_excess`` (the first rule; still the default of a bare ``RoutingPolicy(...)``, so code
+    that builds a policy from thresholds keeps its behaviour)
+    urgency = the larger relative excess over ``ood_threshold`` or below ``margin_threshold``.
+
+A pair is a candidate when its urgency is > 0. ``max_route_fraction`` caps the share of one call's
+pairs that may be sent; when more pairs are candidates, the most urgent go and the rest keep the
+student's answer, flagged as over budget. :class:`darl_lite.budget.RouteBudget` adds a cap over a
+sliding time window.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
 from darl_lite.errors import InputError
 
+RoutingRule = Literal["expected_error", "threshold_excess"]
+ROUTING_RULES: tuple[str, ...] = ("expected_error", "threshold_excess")
+
 
 @dataclass(frozen=True)
 class RoutingPolicy:
-    """Thresholds and budget; ``inf`` / ``0`` disable a criterion."""
+    """Rule, thresholds and per-call budget; ``inf`` / ``0`` / ``1`` disable a threshold."""
 
     ood_threshold: float = float("inf")
     margin_threshold: float = 0.0
     max_route_fraction: float = 1.0
+    rule: RoutingRule = "threshold_excess"
+    #: Route when the student's probability of being wrong (1 - max p) exceeds this.
+    error_threshold: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_route_fraction <= 1.0:
             raise InputError(f"max_route_fraction must lie in [0, 1], got {self.max_route_fraction}")
         if not 0.0 <= self.margin_threshold <= 1.0:
             raise InputError(f"margin_threshold must lie in [0, 1], got {self.margin_threshold}")
+        if not 0.0 <= self.error_threshold <= 1.0:
+            raise InputError(f"error_threshold must lie in [0, 1], got {self.error_threshold}")
         if np.isnan(self.ood_threshold):
             raise InputError("ood_threshold must be a number, got NaN")
+        if self.rule not in ROUTING_RULES:
+            raise InputError(f"routing rule must be one of {ROUTING_RULES}, got {self.rule!r}")
 
     @classmethod
     def from_manifest(
-        cls, manifest: Mapping[str, Any], precision: str, **overrides: float | None
+        cls, manifest: Mapping[str, Any], precision: str, **overrides: float | str | None
     ) -> RoutingPolicy:
-        """The bundle's defaults for the model of ``precision``, with any non-None override applied."""
+        """The bundle's defaults for the model of ``precision``, with any non-None override applied.
+
+        The rule is ``routing.rule`` (default ``expected_error``). A manifest without
+        ``routing.error_threshold`` gets ``(1 - margin_threshold) / 2`` (1, routing nothing, when the
+        margin threshold is absent or 0): with two grades in play,
+        ``margin < m`` is exactly ``1 - max p > (1 - m) / 2``, so the bundle's uncertainty threshold
+        carries over and the route rate stays comparable.
+        """
         routing = manifest.get("routing", {})
         thresholds = manifest.get("ood", {}).get("thresholds", {})
-        values = {
+        values: dict[str, Any] = {
             "ood_threshold": float(thresholds.get(precision, float("inf"))),
             "margin_threshold": float(routing.get("margin_threshold", 0.0)),
             "max_route_fraction": float(routing.get("max_route_fraction", 1.0)),
+            "rule": str(routing.get("rule", "expected_error")),
+            "error_threshold": float(routing.get("error_threshold", _error_threshold_from_margin(routing))),
         }
-        values.update({k: float(v) for k, v in overrides.items() if v is not None})
+        for key, value in overrides.items():
+            if value is not None:
+                values[key] = value if key == "rule" else float(value)
         return cls(**values)
 
     def urgency(
         self, probabilities: NDArray[np.floating], ood_scores: NDArray[np.floating]
     ) -> NDArray[np.float64]:
-        """How far each pair lies past either threshold, relative to it; > 0 makes it a candidate.
-
-        ``max(ood / ood_threshold - 1, (margin_threshold - margin) / margin_threshold)``, where the
-        margin is the gap between the two most probable grades.
-        """
+        """How far each pair lies past the rule's threshold; > 0 makes it a candidate, larger goes first."""
         probs = np.asarray(probabilities, np.float64)
         if len(probs) == 0:
             return np.zeros(0)
+        if self.rule == "expected_error":
+            result: NDArray[np.float64] = (1.0 - probs.max(axis=1)) - self.error_threshold
+            return result
         top2 = np.sort(probs, axis=1)[:, -2:]
         margin = top2[:, 1] - top2[:, 0]
         score: NDArray[np.float64] = (self.margin_threshold - margin) / max(self.margin_threshold, 1e-12)
@@ -77,13 +108,52 @@ class RoutingPolicy:
         budget = int(np.floor(self.max_route_fraction * len(urgency) + 1e-9))
         routed = candidate
         if candidate.sum() > budget:
-            keep = np.argsort(-np.where(candidate, urgency, -np.inf), kind="stable")[:budget]
-            routed = np.zeros(len(urgency), bool)
-            routed[keep] = True
-        return RoutingDecision(candidate=candidate, routed=routed)
+            routed = most_urgent(urgency, candidate, budget)
+        return RoutingDecision(candidate=candidate, routed=routed, urgency=urgency)
+
+
+def _error_threshold_from_margin(routing: Mapping[str, Any]) -> float:
+    margin = float(routing.get("margin_threshold", 0.0))
+    return (1.0 - margin) / 2.0 if margin > 0.0 else 1.0  # margin 0 disabled routing: so does 1.0
+
+
+def most_urgent(urgency: NDArray[np.floating], allowed: NDArray[np.bool_], k: int) -> NDArray[np.bool_]:
+    """A mask of the ``k`` most urgent pairs among ``allowed`` (ties: input order)."""
+    keep = np.argsort(-np.where(allowed, urgency, -np.inf), kind="stable")[
+        : max(0, min(k, int(allowed.sum())))
+    ]
+    mask = np.zeros(len(urgency), bool)
+    mask[keep] = True
+    return mask
+
+
+def error_threshold_for_rate(probabilities: NDArray[np.floating], rate: float) -> float:
+    """The ``error_threshold`` that makes a share ``rate`` of these (dev) pairs candidates.
+
+    Fit on dev data, never test data, and store it in the manifest's ``routing.error_threshold``.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise InputError(f"rate must lie in [0, 1], got {rate}")
+    errors = 1.0 - np.asarray(probabilities, np.float64).max(axis=1)
+    if len(errors) == 0:
+        raise InputError("error_threshold_for_rate needs at least one dev pair")
+    if rate == 0.0:
+        return 1.0
+    return float(min(1.0, max(0.0, np.quantile(errors, 1.0 - rate, method="higher") - 1e-12)))
 
 
 @dataclass(frozen=True)
 class RoutingDecision:
     candidate: NDArray[np.bool_]  # the policy wanted the LLM
     routed: NDArray[np.bool_]  # and the budget allowed it
+    urgency: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+
+
+__all__: Sequence[str] = [
+    "ROUTING_RULES",
+    "RoutingDecision",
+    "RoutingPolicy",
+    "RoutingRule",
+    "error_threshold_for_rate",
+    "most_urgent",
+]

@@ -11,20 +11,24 @@ stands and the result says why — nothing from the fallback raises into the cal
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from darl_lite.budget import RouteBudget
 from darl_lite.bundle import ROLE_TOKENIZER, Bundle, load_bundle, model_role, ood_role
 from darl_lite.errors import BundleError, InputError
 from darl_lite.inference import RelevanceModel, SessionConfig
 from darl_lite.ood import MahalanobisDetector
-from darl_lite.routing import RoutingPolicy
+from darl_lite.routing import RoutingPolicy, most_urgent
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +48,11 @@ class PairScore:
     source: Literal["student", "llm"]  # who produced ``probabilities``
     truncated: bool  # the pair was cut to the bundle's max_length
     note: str = ""  # why the student's answer stands where routing wanted the LLM
+
+
+#: Notes of pairs routing wanted but a budget refused.
+NOTE_CALL_BUDGET = "routing budget exhausted: student answer kept"
+NOTE_WINDOW_BUDGET = "sliding-window routing budget exhausted: student answer kept"
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,13 @@ def softmax(logits: NDArray[np.floating], temperature: float = 1.0) -> NDArray[n
 
 
 class Scorer:
-    """Scores pairs with a bundle. One instance serves many threads."""
+    """Scores pairs with a bundle. One instance serves many threads and many asyncio tasks.
+
+    ``budget`` caps the LLM's share over a sliding window across calls, on top of the routing
+    policy's per-call cap. ``executor`` runs :meth:`ascore` / :meth:`ascore_many` (default: the
+    event loop's default thread pool); onnxruntime and tokenizers release the GIL, so threads score
+    in parallel and the event loop is never blocked.
+    """
 
     def __init__(
         self,
@@ -80,6 +95,8 @@ class Scorer:
         batch_size: int = 32,
         routing: RoutingPolicy | None = None,
         fallback: Fallback | None = None,
+        budget: RouteBudget | None = None,
+        executor: Executor | None = None,
     ) -> None:
         if precision not in bundle.precisions:
             raise BundleError(
@@ -110,6 +127,8 @@ class Scorer:
         self.detector = MahalanobisDetector.load(bundle.path_of(ood_role(precision)))
         self.routing = routing or RoutingPolicy.from_manifest(manifest, precision)
         self.fallback = fallback
+        self.budget = budget
+        self.executor = executor
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], **options: object) -> Scorer:
@@ -148,6 +167,16 @@ class Scorer:
             start += size
         return out
 
+    async def ascore(self, query: str, items: Sequence[str]) -> list[PairScore]:
+        """:meth:`score` for async servers: the work runs in ``executor``, not on the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(self.score, query, items))
+
+    async def ascore_many(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[list[PairScore]]:
+        """:meth:`score_many` for async servers, run in ``executor``."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(self.score_many, requests))
+
     def score_arrays(self, queries: Sequence[str], items: Sequence[str]) -> ScoredArrays:
         """Score aligned pairs and return arrays; inputs are trusted to be validated strings."""
         outputs = self.model.run(queries, items)
@@ -159,8 +188,17 @@ class Scorer:
         final = student.copy()
         from_llm = np.zeros(n, bool)
         for i in np.flatnonzero(decision.candidate & ~decision.routed):
-            notes[i] = "routing budget exhausted: student answer kept"
-        routed_index = np.flatnonzero(decision.routed)
+            notes[i] = NOTE_CALL_BUDGET
+        routed = decision.routed
+        if self.budget is not None:
+            wanted = int(routed.sum())
+            granted = self.budget.acquire(n, wanted)
+            if granted < wanted:
+                kept = most_urgent(decision.urgency, routed, granted)
+                for i in np.flatnonzero(routed & ~kept):
+                    notes[i] = NOTE_WINDOW_BUDGET
+                routed = kept
+        routed_index = np.flatnonzero(routed)
         if len(routed_index):
             if self.fallback is None:
                 for i in routed_index:
@@ -180,7 +218,7 @@ class Scorer:
             logits=outputs.logits,
             ood_scores=ood,
             candidate=decision.candidate,
-            routed=decision.routed,
+            routed=routed,
             from_llm=from_llm,
             truncated=outputs.truncated,
             notes=notes,
@@ -240,4 +278,12 @@ def _check_items(items: object, field: str) -> None:
         _check_text(item, f"{field}[{i}]")
 
 
-__all__ = ["Fallback", "PairScore", "ScoredArrays", "Scorer", "softmax"]
+__all__ = [
+    "NOTE_CALL_BUDGET",
+    "NOTE_WINDOW_BUDGET",
+    "Fallback",
+    "PairScore",
+    "ScoredArrays",
+    "Scorer",
+    "softmax",
+]

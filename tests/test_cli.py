@@ -71,3 +71,11 @@ def test_unknown_option_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
         main(["quickstart", "--epoch", "3"])
     assert info.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_serve_refuses_an_unset_token_variable(
+    tiny_bundle_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DARL_TEST_TOKEN", raising=False)
+    assert main(["serve", str(tiny_bundle_dir), "--token-env", "DARL_TEST_TOKEN"]) == 2
+    assert "DARL_TEST_TOKEN" in capsys.readouterr().err

@@ -61,5 +61,32 @@ def test_routing_policy_validation_and_manifest_overrides() -> None:
         "routing": {"margin_threshold": 0.2, "max_route_fraction": 0.3},
     }
     policy = RoutingPolicy.from_manifest(manifest, "int8", max_route_fraction=0.1)
-    assert policy == RoutingPolicy(ood_threshold=12.0, margin_threshold=0.2, max_route_fraction=0.1)
+    # No routing.error_threshold: (1 - margin_threshold) / 2 carries the uncertainty threshold over.
+    assert policy == RoutingPolicy(
+        ood_threshold=12.0,
+        margin_threshold=0.2,
+        max_route_fraction=0.1,
+        rule="expected_error",
+        error_threshold=0.4,
+    )
     assert RoutingPolicy.from_manifest(manifest, "fp32").ood_threshold == float("inf")
+    old = RoutingPolicy.from_manifest(manifest, "int8", rule="threshold_excess", error_threshold=0.25)
+    assert (old.rule, old.error_threshold) == ("threshold_excess", 0.25)
+    assert RoutingPolicy.from_manifest({}, "int8").error_threshold == 1.0  # nothing configured: no routing
+    with pytest.raises(InputError, match="routing rule"):
+        RoutingPolicy(rule="fastest")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="error_threshold"):
+        RoutingPolicy(error_threshold=-0.1)
+
+
+def test_expected_error_rule_routes_the_likely_wrong_not_the_ood() -> None:
+    """The default rule of a bundle: urgency = (1 - max p) - error_threshold; OOD does not enter."""
+    probs = np.array([[0.9, 0.05, 0.05], [0.45, 0.4, 0.15], [0.8, 0.1, 0.1], [0.34, 0.33, 0.33]])
+    ood = np.array([1.0, 1.0, 30.0, 1.0])
+    policy = RoutingPolicy(
+        ood_threshold=10.0, rule="expected_error", error_threshold=0.5, max_route_fraction=0.25
+    )
+    np.testing.assert_allclose(policy.urgency(probs, ood), [-0.4, 0.05, -0.3, 0.16])
+    decision = policy.decide(probs, ood)
+    assert decision.candidate.tolist() == [False, True, False, True]
+    assert decision.routed.tolist() == [False, False, False, True]  # budget 1 of 4: the most unsure

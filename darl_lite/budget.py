@@ -1,0 +1,83 @@
+"""A routing budget over a sliding time window, shared by every call of a scorer.
+
+The per-call cap of :class:`~darl_lite.routing.RoutingPolicy` bounds one request; a node serving
+many small requests also needs the LLM's share bounded over time, or a burst of one-item requests
+(each allowed its one pair) would send everything. :class:`RouteBudget` counts the pairs seen and
+the pairs routed in the last ``window_s`` seconds and lets a call route at most
+``floor(max_fraction * (seen_in_window + n)) - routed_in_window`` of its ``n`` pairs: no call ever
+routes a pair that would lift the window's routed share, counting that call, above ``max_fraction``.
+Pairs leave the window together with the pairs routed at the same time; when older, unrouted pairs
+leave first, the share of what remains can sit above the fraction, and then calls route nothing
+until it is back under.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from darl_lite.errors import InputError
+
+
+class RouteBudget:
+    """Caps the share of pairs routed to the LLM over the last ``window_s`` seconds. Thread-safe.
+
+    ``clock`` returns seconds (monotonic); inject one to make tests deterministic.
+    """
+
+    def __init__(
+        self,
+        max_fraction: float,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 0.0 <= max_fraction <= 1.0:
+            raise InputError(f"max_fraction must lie in [0, 1], got {max_fraction}")
+        if not window_s > 0.0:
+            raise InputError(f"window_s must be > 0 seconds, got {window_s}")
+        self.max_fraction = float(max_fraction)
+        self.window_s = float(window_s)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._events: deque[tuple[float, int, int]] = deque()  # (time, seen, routed)
+        self._seen = 0
+        self._routed = 0
+
+    def _expire(self, now: float) -> None:
+        while self._events and self._events[0][0] <= now - self.window_s:
+            _, seen, routed = self._events.popleft()
+            self._seen -= seen
+            self._routed -= routed
+
+    def acquire(self, n: int, wanted: int) -> int:
+        """Record a call of ``n`` pairs that wants to route ``wanted``; return how many it may route.
+
+        The answer and the bookkeeping happen under one lock, so concurrent calls never overspend.
+        """
+        if n < 0 or not 0 <= wanted <= n:
+            raise InputError(f"need 0 <= wanted <= n, got wanted={wanted}, n={n}")
+        with self._lock:
+            now = self._clock()
+            self._expire(now)
+            allowed = math.floor(self.max_fraction * (self._seen + n) + 1e-9) - self._routed
+            granted = max(0, min(wanted, allowed))
+            if n:
+                self._events.append((now, n, granted))
+                self._seen += n
+                self._routed += granted
+            return granted
+
+    def usage(self) -> tuple[int, int]:
+        """``(seen, routed)`` pairs within the current window."""
+        with self._lock:
+            self._expire(self._clock())
+            return self._seen, self._routed
+
+    def __repr__(self) -> str:
+        return f"RouteBudget(max_fraction={self.max_fraction}, window_s={self.window_s})"
+
+
+__all__ = ["RouteBudget"]
