@@ -69,7 +69,9 @@ def test_many_items_in_one_call_stay_in_order(scorer: Scorer) -> None:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(query=st.text(max_size=200), items=st.lists(st.text(max_size=200), max_size=5))
-def test_arbitrary_unicode_never_raises_an_undocumented_error(scorer: Scorer, query: str, items: list[str]) -> None:
+def test_arbitrary_unicode_never_raises_an_undocumented_error(
+    scorer: Scorer, query: str, items: list[str]
+) -> None:
     try:
         results = scorer.score(query, items)
     except InputError:
@@ -89,6 +91,8 @@ def test_non_text_items_raise_input_error(scorer: Scorer, values: list[object]) 
 
 def test_nan_grade_in_a_data_file_names_line_and_field(tmp_path: Path) -> None:
     path = tmp_path / "pairs.csv"
-    path.write_text("query,item,grade\nszechwan,mapo doufu,2\nszechwan,afghan cuisine,nan\n", encoding="utf-8")
+    path.write_text(
+        "query,item,grade\nszechwan,mapo doufu,2\nszechwan,afghan cuisine,nan\n", encoding="utf-8"
+    )
     with pytest.raises(DataError, match=r"line 3.*grade"):
         load_pairs(path)
