@@ -21,7 +21,17 @@ for _module in ("torch", "transformers"):
 
 if TYPE_CHECKING:  # re-exports for type checkers; at run time __getattr__ resolves them
     from darl_lite.distill.backbone import load_student, minilm_path
+    from darl_lite.distill.dasa import SelectionResult, random_selection, select_augmentation
+    from darl_lite.distill.graded_loss import graded_distillation_loss, soft_graded_loss
     from darl_lite.distill.losses import distillation_loss, hard_ce_loss, soft_kl_loss
+    from darl_lite.distill.recipe import RecipeConfig, RecipeResult, run_recipe
+    from darl_lite.distill.stages import (
+        LoraSettings,
+        choose_interpolation,
+        extract_features,
+        finetune,
+        linear_probe,
+    )
     from darl_lite.distill.teachers import HFTeacher
     from darl_lite.distill.trainer import (
         DistillConfig,
@@ -32,6 +42,8 @@ if TYPE_CHECKING:  # re-exports for type checkers; at run time __getattr__ resol
     )
 
 #: Public name -> submodule that defines it; resolved lazily by :func:`__getattr__`.
+# ``graded_loss`` (the function) is not re-exported: its name is its submodule's, and importing the
+# submodule would shadow it here. Import it from ``darl_lite.distill.graded_loss``.
 _EXPORTS: dict[str, str] = {
     "minilm_path": "backbone",
     "load_student": "backbone",
@@ -44,19 +56,46 @@ _EXPORTS: dict[str, str] = {
     "predict_logits": "trainer",
     "save_student": "trainer",
     "HFTeacher": "teachers",
+    "graded_distillation_loss": "graded_loss",
+    "soft_graded_loss": "graded_loss",
+    "SelectionResult": "dasa",
+    "random_selection": "dasa",
+    "select_augmentation": "dasa",
+    "LoraSettings": "stages",
+    "choose_interpolation": "stages",
+    "extract_features": "stages",
+    "finetune": "stages",
+    "linear_probe": "stages",
+    "RecipeConfig": "recipe",
+    "RecipeResult": "recipe",
+    "run_recipe": "recipe",
+    "fetch_teacher": "teacher_fetch",
 }
 
 __all__ = [
     "DistillConfig",
     "HFTeacher",
+    "LoraSettings",
+    "RecipeConfig",
+    "RecipeResult",
+    "SelectionResult",
     "TrainResult",
+    "choose_interpolation",
     "distill_student",
     "distillation_loss",
+    "extract_features",
+    "finetune",
+    "graded_distillation_loss",
     "hard_ce_loss",
+    "linear_probe",
     "load_student",
     "minilm_path",
     "predict_logits",
+    "random_selection",
+    "run_recipe",
     "save_student",
+    "select_augmentation",
+    "soft_graded_loss",
     "soft_kl_loss",
 ]
 
