@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # re-exports for type checkers; at run time __getattr__ resol
     from darl_lite.distill.backbone import load_student, minilm_path
     from darl_lite.distill.dasa import SelectionResult, random_selection, select_augmentation
     from darl_lite.distill.graded_loss import graded_distillation_loss, soft_graded_loss
+    from darl_lite.distill.local_llm import LocalLLMGrader
     from darl_lite.distill.losses import distillation_loss, hard_ce_loss, soft_kl_loss
     from darl_lite.distill.recipe import RecipeConfig, RecipeResult, run_recipe
     from darl_lite.distill.stages import (
@@ -32,6 +33,7 @@ if TYPE_CHECKING:  # re-exports for type checkers; at run time __getattr__ resol
         finetune,
         linear_probe,
     )
+    from darl_lite.distill.teacher_fetch import fetch_teacher
     from darl_lite.distill.teachers import HFTeacher
     from darl_lite.distill.trainer import (
         DistillConfig,
@@ -70,11 +72,13 @@ _EXPORTS: dict[str, str] = {
     "RecipeResult": "recipe",
     "run_recipe": "recipe",
     "fetch_teacher": "teacher_fetch",
+    "LocalLLMGrader": "local_llm",
 }
 
 __all__ = [
     "DistillConfig",
     "HFTeacher",
+    "LocalLLMGrader",
     "LoraSettings",
     "RecipeConfig",
     "RecipeResult",
@@ -84,6 +88,7 @@ __all__ = [
     "distill_student",
     "distillation_loss",
     "extract_features",
+    "fetch_teacher",
     "finetune",
     "graded_distillation_loss",
     "hard_ce_loss",
