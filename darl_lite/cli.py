@@ -79,11 +79,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from darl_lite.export.parity import ParityThresholds
 
     splits = load_dbpedia(fold=args.fold)
+    gate = {
+        "min_argmax_agreement": args.min_agreement,
+        "min_spearman": args.min_spearman,
+        "min_ndcg_retention": args.min_ndcg_retention,
+        "max_macro_f1_drop": args.max_macro_f1_drop,
+    }
     config = ExportConfig(
         max_length=args.max_length,
         preset=args.preset,
-        thresholds=ParityThresholds(min_argmax_agreement=args.min_agreement),
+        thresholds=ParityThresholds(**{k: v for k, v in gate.items() if v is not None}),
         allow_parity_failure=args.allow_parity_failure,
+        max_sensitive_exclusions=args.max_sensitive_exclusions,
+        route_rate=args.route_rate,
     )
     bundle = build_bundle(
         args.student,
@@ -297,8 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "avx2", "avx512_vnni", "arm64"],
         help="int8 kernel family",
     )
+    gate = "parity gate"
+    export.add_argument("--min-agreement", type=float, help=f"{gate}: int8/fp32 grade argmax agreement")
+    export.add_argument("--min-spearman", type=float, help=f"{gate}: Spearman of expected relevance")
+    export.add_argument("--min-ndcg-retention", type=float, help=f"{gate}: NDCG@10 int8 / fp32")
+    export.add_argument("--max-macro-f1-drop", type=float, help=f"{gate}: macro-F1 drop in points")
     export.add_argument(
-        "--min-agreement", type=float, default=0.95, help="parity gate: int8/fp32 argmax agreement"
+        "--max-sensitive-exclusions",
+        type=int,
+        default=8,
+        help="keep at most this many quantization-sensitive nodes fp32 to pass the gate",
+    )
+    export.add_argument(
+        "--route-rate", type=float, default=0.10, help="share of in-distribution dev pairs the router sends"
     )
     export.add_argument(
         "--allow-parity-failure", action="store_true", help="write the bundle even if parity fails"

@@ -6,10 +6,20 @@ package. torch and onnx are imported inside the functions that use them, so impo
 
 from darl_lite.export.onnx_export import OnnxExportInfo, export_onnx
 from darl_lite.export.parity import ParityReport, ParityThresholds, check_parity, parity_report, worst_pairs
-from darl_lite.export.quantize import PRESETS, QuantizationInfo, QuantPreset, head_nodes, quantize_int8
+from darl_lite.export.quantize import (
+    PRESETS,
+    NodeSensitivity,
+    QuantizationInfo,
+    QuantPreset,
+    head_nodes,
+    quantizable_nodes,
+    quantize_int8,
+    sensitivity_sweep,
+)
 
 __all__ = [
     "PRESETS",
+    "NodeSensitivity",
     "OnnxExportInfo",
     "ParityReport",
     "ParityThresholds",
@@ -19,6 +29,8 @@ __all__ = [
     "export_onnx",
     "head_nodes",
     "parity_report",
+    "quantizable_nodes",
     "quantize_int8",
+    "sensitivity_sweep",
     "worst_pairs",
 ]

@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +22,20 @@ from numpy.typing import NDArray
 from darl_lite.bundle import ROLE_TOKENIZER, Bundle, model_role, ood_role, write_bundle
 from darl_lite.errors import DarlLiteError, InputError
 from darl_lite.export.onnx_export import export_onnx
-from darl_lite.export.parity import ParityThresholds, check_parity, parity_report, worst_pairs
-from darl_lite.export.quantize import detect_preset, quantize_int8
+from darl_lite.export.parity import ParityReport, ParityThresholds, check_parity, parity_report, worst_pairs
+from darl_lite.export.quantize import QuantizationInfo, detect_preset, quantize_int8, sensitivity_sweep
 from darl_lite.inference import RelevanceModel, SessionConfig
 from darl_lite.metrics import expected_calibration_error
 from darl_lite.ood import MahalanobisDetector, threshold_for_coverage
+from darl_lite.routing import error_threshold_for_rate
 from darl_lite.scorer import softmax
 from darl_lite.types import GRADE_GAINS, GRADE_NAMES, Pair
 
 logger = logging.getLogger(__name__)
+
+
+#: How many of the sweep's worst nodes the manifest lists.
+SENSITIVITY_REPORTED = 12
 
 
 class ParityError(DarlLiteError):
@@ -39,12 +44,24 @@ class ParityError(DarlLiteError):
 
 @dataclass(frozen=True)
 class ExportConfig:
+    """How :func:`build_bundle` exports, quantizes, gates and calibrates.
+
+    ``exclude_nodes="auto"`` keeps the classifier head fp32 and, when the parity gate then fails,
+    runs a sensitivity sweep (each quantizable node quantized alone, on ``sensitivity_pairs``
+    in-distribution dev pairs) and keeps the worst nodes fp32 one at a time, up to
+    ``max_sensitive_exclusions``, until the gate passes. ``None`` quantizes everything; a list of
+    node names keeps exactly those fp32 (no sweep).
+    """
+
     max_length: int = 64
     preset: str = "auto"  # "auto": detected from this CPU (see quantize.detect_preset)
     per_channel: bool = True
-    exclude_nodes: str | None = "auto"
+    exclude_nodes: str | tuple[str, ...] | None = "auto"
+    max_sensitive_exclusions: int = 8
+    sensitivity_pairs: int = 256
     ood_coverage: float = 0.95  # share of in-distribution dev pairs kept below the OOD threshold
-    margin_quantile: float = 0.05  # share of in-distribution dev pairs routed as uncertain
+    margin_quantile: float = 0.05  # threshold_excess rule: share of in-distribution dev pairs uncertain
+    route_rate: float = 0.10  # expected_error rule (the default): share of in-distribution dev pairs routed
     max_route_fraction: float = 0.25
     thresholds: ParityThresholds = field(default_factory=ParityThresholds)
     allow_parity_failure: bool = False  # recorded in the manifest when used
@@ -79,6 +96,13 @@ def fit_temperature(logits: NDArray[np.floating], grades: NDArray[np.integer]) -
             b = lo + ratio * (hi - lo)
             fb = nll(b)
     return float(np.exp((lo + hi) / 2))
+
+
+def _sample(pairs: Sequence[Pair], n: int, seed: int = 0) -> list[Pair]:
+    rng = np.random.default_rng(seed)
+    if len(pairs) <= n:
+        return list(pairs)
+    return [pairs[i] for i in sorted(rng.choice(len(pairs), size=n, replace=False))]
 
 
 def _labelled(pairs: Sequence[Pair], name: str) -> tuple[list[str], list[str], NDArray[np.int64]]:
@@ -118,31 +142,48 @@ def build_bundle(
         work = Path(tmp)
         fp32_path, int8_path = work / "model_fp32.onnx", work / "model_int8.onnx"
         export_info = export_onnx(model, tokenizer, fp32_path)
+        preset = detect_preset() if cfg.preset == "auto" else cfg.preset
         quant_info = quantize_int8(
             fp32_path,
             int8_path,
-            preset=detect_preset() if cfg.preset == "auto" else cfg.preset,
+            preset=preset,
             per_channel=cfg.per_channel,
-            exclude_nodes=cfg.exclude_nodes,
+            exclude_nodes=list(cfg.exclude_nodes)
+            if isinstance(cfg.exclude_nodes, tuple)
+            else cfg.exclude_nodes,
         )
         tokenizer_path = work / "tokenizer.json"
         tokenizer.backend_tokenizer.save(str(tokenizer_path))
 
-        fp32 = RelevanceModel(fp32_path, tokenizer_path, max_length=cfg.max_length, session=session)
-        int8 = RelevanceModel(int8_path, tokenizer_path, max_length=cfg.max_length, session=session)
+        def load(path: Path) -> RelevanceModel:
+            return RelevanceModel(path, tokenizer_path, max_length=cfg.max_length, session=session)
+
+        fp32 = load(fp32_path)
 
         # Parity gate on held-out pairs.
         pq, pi = [p.query for p in parity_pairs], [p.item for p in parity_pairs]
-        fp32_logits, int8_logits = fp32.run(pq, pi).logits, int8.run(pq, pi).logits
+        fp32_logits = fp32.run(pq, pi).logits
         graded = all(p.grade is not None for p in parity_pairs)
-        parity = parity_report(
-            fp32_logits,
-            int8_logits,
-            grades=np.asarray([p.grade for p in parity_pairs]) if graded else None,
-            query_ids=[p.query_id or p.query for p in parity_pairs] if graded else None,
-            gains=GRADE_GAINS[:n_grades],
-        )
-        failures = check_parity(parity, cfg.thresholds)
+        grades = np.asarray([p.grade for p in parity_pairs]) if graded else None
+        query_ids = [p.query_id or p.query for p in parity_pairs] if graded else None
+
+        def gate() -> tuple[RelevanceModel, NDArray[np.float32], ParityReport, list[str]]:
+            model_int8 = load(int8_path)
+            logits = model_int8.run(pq, pi).logits
+            report = parity_report(
+                fp32_logits, logits, grades=grades, query_ids=query_ids, gains=GRADE_GAINS[:n_grades]
+            )
+            return model_int8, logits, report, check_parity(report, cfg.thresholds)
+
+        int8, int8_logits, parity, failures = gate()
+        search = [_search_step(quant_info, parity, failures)]
+        if failures and cfg.exclude_nodes == "auto" and cfg.max_sensitive_exclusions > 0:
+            quant_info, found, steps = _exclude_sensitive_nodes(
+                cfg, preset, fp32_path, int8_path, quant_info, dev_pairs, load, gate
+            )
+            if found is not None:  # None: the sweep found no node to exclude
+                int8, int8_logits, parity, failures = found
+            search.extend(steps)
         if failures:
             worst = worst_pairs(fp32_logits, int8_logits, k=5)
             listing = "; ".join(f"({pq[i]!r}, {pi[i]!r})" for i in worst)
@@ -161,6 +202,7 @@ def build_bundle(
         ece_after = expected_calibration_error(calibrated, dy)
         top2 = np.sort(calibrated, axis=1)[:, -2:]
         margin_threshold = float(np.quantile(top2[:, 1] - top2[:, 0], cfg.margin_quantile))
+        error_threshold = error_threshold_for_rate(calibrated, cfg.route_rate)
 
         # OOD statistics per precision (int8 noise shifts the representation), fitted on
         # in-distribution training representations; thresholds from held-out dev pairs.
@@ -182,7 +224,10 @@ def build_bundle(
                 "export": asdict(export_info),
                 "default_precision": "int8",
             },
-            "quantization": {k: v for k, v in asdict(quant_info).items() if not k.endswith("_path")},
+            "quantization": {
+                **{k: v for k, v in asdict(quant_info).items() if not k.endswith("_path")},
+                "exclusion_search": search,
+            },
             "parity": {
                 **parity.to_dict(),
                 "thresholds": asdict(cfg.thresholds),
@@ -207,6 +252,9 @@ def build_bundle(
                 "feature_dim": int(export_info.hidden_size),
             },
             "routing": {
+                "rule": "expected_error",
+                "error_threshold": error_threshold,
+                "target_route_rate": cfg.route_rate,
                 "margin_threshold": margin_threshold,
                 "max_route_fraction": cfg.max_route_fraction,
             },
@@ -220,3 +268,85 @@ def build_bundle(
             **{ood_role(precision): path for precision, path in ood_files.items()},
         }
         return write_bundle(out_dir, files, manifest, overwrite=overwrite)
+
+
+def _search_step(info: QuantizationInfo, report: ParityReport, failures: list[str]) -> dict[str, Any]:
+    """One tried exclusion set and how the gate judged it (for the manifest)."""
+    return {
+        "excluded_nodes": list(info.excluded_nodes),
+        "argmax_agreement": report.argmax_agreement,
+        "spearman": report.spearman,
+        "ndcg_retention": report.ndcg_retention,
+        "macro_f1_drop": report.macro_f1_drop,
+        "int8_bytes": info.int8_bytes,
+        "passed": not failures,
+    }
+
+
+def _exclude_sensitive_nodes(
+    cfg: ExportConfig,
+    preset: str,
+    fp32_path: Path,
+    int8_path: Path,
+    first: QuantizationInfo,
+    dev_pairs: Sequence[Pair],
+    load: Any,
+    gate: Any,
+) -> tuple[QuantizationInfo, Any, list[dict[str, Any]]]:
+    """Keep the most quantization-sensitive nodes fp32, one more at a time, until the gate passes.
+
+    Sensitivity is measured on in-distribution dev pairs (never the parity pairs' grades): each
+    quantizable node alone is quantized and ranked by the mean KL of the grade distribution from
+    fp32 (:func:`sensitivity_sweep`). Returns the last quantization tried, its gate result and
+    the steps, for the manifest. Leaves the last tried graph at ``int8_path``.
+    """
+    sample = _sample(dev_pairs, cfg.sensitivity_pairs, seed=0)
+    sq, si = [p.query for p in sample], [p.item for p in sample]
+    started = time.perf_counter()
+
+    def logits_of(path: Path) -> NDArray[np.float32]:
+        return load(path).run(sq, si).logits
+
+    ranking = sensitivity_sweep(
+        fp32_path,
+        logits_of,
+        preset=preset,
+        per_channel=cfg.per_channel,
+        always_excluded=first.excluded_nodes,
+    )
+    logger.info(
+        "parity gate failed with %s kept fp32; sensitivity sweep over %d nodes on %d dev pairs took %.0f s",
+        first.excluded_nodes or "nothing",
+        len(ranking),
+        len(sample),
+        time.perf_counter() - started,
+    )
+    reasons = dict(first.exclusion_reasons)
+    info, result, steps = first, None, []
+    for k, node in enumerate(ranking[: cfg.max_sensitive_exclusions], start=1):
+        reasons[node.node] = (
+            f"quantization-sensitive: quantized alone it moves the grade distribution by mean KL "
+            f"{node.mean_kl:.2e} (rank {k} of {len(ranking)}, {len(sample)} dev pairs); kept fp32 so "
+            "the parity gate passes"
+        )
+        info = quantize_int8(
+            fp32_path,
+            int8_path,
+            preset=preset,
+            per_channel=cfg.per_channel,
+            exclude_nodes=[*first.excluded_nodes, *(r.node for r in ranking[:k])],
+            reasons=reasons,
+        )
+        result = gate()
+        steps.append(_search_step(info, result[2], result[3]))
+        logger.info(
+            "kept %d sensitive node(s) fp32 (+%s): argmax agreement %.4f, gate %s",
+            k,
+            node.node,
+            result[2].argmax_agreement,
+            "passed" if not result[3] else "failed: " + "; ".join(result[3]),
+        )
+        if not result[3]:
+            break
+    info = replace(info, sensitivity=[r.to_dict() for r in ranking[:SENSITIVITY_REPORTED]])
+    return info, result, steps
