@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from darl_lite.errors import DarlLiteError, InputError
+from darl_lite.errors import DarlLiteError, DataError, InputError
 
 logger = logging.getLogger("darl_lite.cli")
 
@@ -48,9 +48,49 @@ def _cmd_distill_student(args: argparse.Namespace) -> int:
     teacher = FileTeacher.from_file(args.teacher)
     model, tokenizer = load_student(args.backbone)
     config = DistillConfig(epochs=args.epochs, max_length=args.max_length, seed=args.seed)
-    result = distill_student(model, tokenizer, pairs, teacher.predict_proba(pairs), config)
+    result = distill_student(
+        model,
+        tokenizer,
+        pairs,
+        teacher.predict_proba(pairs),
+        config,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+    )
     save_student(model, tokenizer, args.out)
     print(f"student trained on {len(pairs):,} pairs in {result.seconds:.0f} s, saved to {args.out}")
+    return 0
+
+
+def _cmd_distill_label(args: argparse.Namespace) -> int:
+    import hashlib
+    from datetime import datetime, timezone
+
+    from darl_lite.datasets import load_dbpedia, load_pairs
+    from darl_lite.distill.label import label_pairs
+    from darl_lite.distill.teachers import HFTeacher
+
+    pairs = load_pairs(args.pairs) if args.pairs else list(load_dbpedia(fold=args.fold).all_pairs())
+    teacher = HFTeacher.from_pretrained(
+        args.model, name=args.name, kind=args.kind, max_length=args.max_length, batch_size=args.batch_size
+    )
+    digest = hashlib.sha256()
+    for weights in sorted(Path(args.model).glob("*.safetensors")):
+        digest.update(weights.read_bytes())
+    provenance = {
+        "name": teacher.name,
+        "kind": teacher.kind,
+        "model": str(args.model),
+        "model_sha256": digest.hexdigest(),
+        "command": " ".join(["darl-lite", *sys.argv[1:]]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    result = label_pairs(teacher, pairs, args.out, chunk_size=args.chunk_size, provenance=provenance)
+    resumed = ", resumed" if result.resumed else ""
+    print(
+        f"labelled {result.n_pairs:,} pairs into {result.path} "
+        f"({result.chunks_labeled} of {result.n_chunks} chunks in this run{resumed})"
+    )
     return 0
 
 
@@ -110,11 +150,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from darl_lite.inference import SessionConfig
     from darl_lite.scorer import Scorer
 
-    if args.items == "-":
-        lines = sys.stdin.read().splitlines()
-    else:
-        lines = Path(args.items).read_text(encoding="utf-8").splitlines()
-    items = [line for line in lines if line.strip()]
+    items = _read_items(args.items)
     scorer = Scorer.load(
         args.bundle, precision=args.precision, session=SessionConfig(intra_op_threads=args.threads)
     )
@@ -229,6 +265,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_items(source: str) -> list[str]:
+    """Non-blank lines of a UTF-8 file (or stdin for ``-``); only ``\n`` separates items."""
+    name = "<stdin>" if source == "-" else source
+    data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    items = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{name}, line {number}: invalid UTF-8 at byte {exc.start} of the line; "
+                "save the items file as UTF-8"
+            ) from exc
+        line = line.removesuffix("\r").removeprefix("\ufeff" if number == 1 else "")
+        if line.strip():
+            items.append(line)
+    return items
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from darl_lite.bundle import load_bundle
 
@@ -276,7 +331,26 @@ def build_parser() -> argparse.ArgumentParser:
     student.add_argument("--epochs", type=int, default=1)
     student.add_argument("--max-length", type=int, default=64)
     student.add_argument("--seed", type=int, default=0)
+    student.add_argument("--checkpoint-dir", default=None, help="resume from / write checkpoints here")
+    student.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     student.set_defaults(handler=_cmd_distill_student)
+    label = distill.add_parser(
+        "label",
+        allow_abbrev=False,
+        help="grade pairs with a local HF teacher (resumable) into a teacher file",
+    )
+    label.add_argument("--model", required=True, help="HF model folder with a classification head")
+    label.add_argument("--out", required=True, help="teacher outputs file to write (.jsonl.gz or .parquet)")
+    label.add_argument(
+        "--pairs", default=None, help="pairs file (CSV/JSONL/Parquet); default: every shipped pair"
+    )
+    label.add_argument("--fold", type=int, default=0, choices=range(5))
+    label.add_argument("--name", default=None, help="teacher name in reports (default: the folder)")
+    label.add_argument("--kind", default="llm", choices=["llm", "encoder", "stand-in"])
+    label.add_argument("--max-length", type=int, default=128)
+    label.add_argument("--batch-size", type=int, default=32)
+    label.add_argument("--chunk-size", type=int, default=1000, help="pairs per committed chunk")
+    label.set_defaults(handler=_cmd_distill_label)
     standin = distill.add_parser(
         "standin-teacher", allow_abbrev=False, help="train the stand-in teacher and grade every shipped pair"
     )

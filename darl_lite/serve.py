@@ -119,7 +119,9 @@ def _parse_body(raw: bytes, max_items: int) -> tuple[bool, list[tuple[str, list[
     """``(batch, [(query, items), ...])`` from a request body, or :class:`InputError`."""
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError as exc:  # json's decoder recurses once per nesting level
+        raise InputError("request body is not valid JSON: nested too deeply") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer over 4300 digits
         raise InputError(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise InputError('request body must be a JSON object: {"query", "items"} or {"requests": [...]}')

@@ -246,7 +246,9 @@ def _atomic_target(path: Path) -> Iterator[Path]:
 
 def _write_jsonl(tmp: Path, records: Iterable[tuple[Key, list[float]]], compress: bool) -> None:
     with open(tmp, "wb") as raw:
-        handle: io.BufferedIOBase = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if compress else raw
+        handle: io.BufferedIOBase = (
+            gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) if compress else raw
+        )
         try:
             for (query, item), probs in records:
                 line = json.dumps({"query": query, "item": item, "probs": probs}, ensure_ascii=False)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
+import re
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +41,12 @@ logger = logging.getLogger(__name__)
 _BUCKET_WINDOW = 50
 #: Tolerance on teacher rows summing to 1 (float32 files written by other tools round).
 _ROW_SUM_ATOL = 1e-3
+#: Checkpoints kept in ``checkpoint_dir`` (the newest ones); older ones are deleted after a write.
+_KEEP_CHECKPOINTS = 2
+_CHECKPOINT_FORMAT = 1
+_CHECKPOINT_NAME = re.compile(r"^step-(\d{8})$")
+_STATE_FILE = "state.pt"
+_META_FILE = "meta.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +156,120 @@ def _length_bucketed_batches(
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: one directory per step, ``step-00000123/{state.pt, meta.json}``, written into a
+# temporary sibling and renamed into place, so a crash (or a full disk) mid-write never leaves a
+# checkpoint that looks complete. ``state.pt`` holds tensors and plain containers only and is read
+# back with ``torch.load(weights_only=True)``: nothing in it can run code. ``meta.json`` holds the
+# position in the run, the numpy batch-order RNG state and a fingerprint of the run's inputs.
+
+
+def _run_fingerprint(
+    config: DistillConfig, pairs: Sequence[Pair], probs: NDArray[np.float32], model: PreTrainedModel
+) -> str:
+    """A hash of everything that decides the run: config, pairs, grades, teacher targets, shapes."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(asdict(config), sort_keys=True).encode())
+    digest.update(json.dumps([type(model).__name__, int(model.config.num_labels), len(pairs)]).encode())
+    for pair in pairs:
+        digest.update(json.dumps([pair.query, pair.item, pair.grade]).encode("utf-8", "surrogatepass"))
+    digest.update(np.ascontiguousarray(probs, dtype=np.float32).tobytes())
+    for name, param in model.named_parameters():
+        digest.update(f"{name}:{tuple(param.shape)}".encode())
+    return digest.hexdigest()
+
+
+def _latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint (its ``meta.json`` is written last), or None."""
+    if not directory.is_dir():
+        return None
+    found = [
+        (int(match.group(1)), entry)
+        for entry in directory.iterdir()
+        if (match := _CHECKPOINT_NAME.match(entry.name)) and (entry / _META_FILE).is_file()
+    ]
+    return max(found)[1] if found else None
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not every platform opens directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_checkpoint(directory: Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write ``state`` (torch.save) and ``meta`` (JSON) as checkpoint ``step-<meta['step']>``, atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step-{meta['step']:08d}"
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=directory))
+    try:
+        with open(staging / _STATE_FILE, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        with open(staging / _META_FILE, "w", encoding="utf-8") as handle:
+            json.dump(meta, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if final.exists():  # the same step written again (a resumed run that crashed before moving on)
+            shutil.rmtree(final)
+        staging.rename(final)
+        _fsync_dir(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    kept = sorted(
+        (entry for entry in directory.iterdir() if _CHECKPOINT_NAME.match(entry.name)), reverse=True
+    )
+    for old in kept[_KEEP_CHECKPOINTS:]:
+        shutil.rmtree(old, ignore_errors=True)
+    logger.info("checkpoint %s written", final)
+    return final
+
+
+def _read_checkpoint(path: Path, fingerprint: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(state, meta)`` of a checkpoint written for the run with this ``fingerprint``."""
+    try:
+        meta = json.loads((path / _META_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"checkpoint {path}: unreadable {_META_FILE}: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != _CHECKPOINT_FORMAT:
+        raise InputError(
+            f"checkpoint {path}: not a distill_student checkpoint of format {_CHECKPOINT_FORMAT}"
+        )
+    if meta.get("fingerprint") != fingerprint:
+        raise InputError(
+            f"checkpoint {path} belongs to another run (different config, pairs, teacher targets or "
+            "model); pass an empty checkpoint_dir for this run, or delete that directory to start over"
+        )
+    try:
+        state = torch.load(path / _STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or corrupt: torch raises several types
+        raise InputError(
+            f"checkpoint {path}: {_STATE_FILE} is unreadable ({type(exc).__name__}: {exc}); "
+            "delete this checkpoint directory to resume from the one before it"
+        ) from exc
+    return state, meta
+
+
+def _torch_rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_torch_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def distill_student(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -151,6 +278,8 @@ def distill_student(
     config: DistillConfig | None = None,
     *,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 100,
 ) -> TrainResult:
     """Train ``model`` in place on ``(pairs, teacher_probs)`` with :func:`distillation_loss`.
 
@@ -159,8 +288,20 @@ def distill_student(
     optimiser is AdamW (no decay on biases and LayerNorm weights) with linear warm-up and decay. The
     run seeds torch and the batch order with ``config.seed``; it does not change torch's thread count
     (that is the caller's choice). The model is left in eval mode.
+
+    With ``checkpoint_dir`` the run writes a checkpoint every ``checkpoint_every`` steps and at the
+    end: model, optimiser and scheduler state, the step, the losses so far and the torch and numpy
+    RNG states, atomically (temporary directory, then rename; the newest two are kept). Called again
+    with the same arguments and directory, it resumes from the newest checkpoint and ends with the
+    same weights as a run that was never interrupted (bit for bit on the same machine and thread
+    count); a finished run's checkpoint just restores the final weights. A checkpoint of a different
+    run (config, pairs, targets or model shape) is refused with :class:`InputError`. Checkpoints are
+    read with ``torch.load(weights_only=True)``, which never unpickles code. ``TrainResult.seconds``
+    covers this call only; ``losses``, ``steps`` and ``pairs_seen`` cover the whole run.
     """
     config = config or DistillConfig()
+    if checkpoint_every < 1:
+        raise InputError(f"checkpoint_every must be >= 1; got {checkpoint_every}")
     n_labels = int(model.config.num_labels)
     probs = _validate_inputs(pairs, teacher_probs, n_labels)
     torch.manual_seed(config.seed)
@@ -192,18 +333,70 @@ def distill_student(
         optimizer, int(config.warmup_ratio * total_steps), total_steps
     )
 
-    model.train()
     losses: list[float] = []
     pairs_seen = 0
+    start_epoch, skip_batches = 0, 0
+    resume_rng_state: dict[str, Any] | None = None
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    fingerprint = ""
+    if ckpt_dir is not None:
+        fingerprint = _run_fingerprint(config, pairs, probs, model)
+        for stale in ckpt_dir.glob(".tmp-step-*") if ckpt_dir.is_dir() else ():
+            shutil.rmtree(stale, ignore_errors=True)  # a write a crash interrupted
+        latest = _latest_checkpoint(ckpt_dir)
+        if latest is not None:
+            state, meta = _read_checkpoint(latest, fingerprint)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            _set_torch_rng_state(state["torch_rng"])
+            losses = [float(x) for x in state["losses"].tolist()]
+            pairs_seen = int(meta["pairs_seen"])
+            start_epoch, skip_batches = int(meta["epoch"]), int(meta["batches_done_in_epoch"])
+            resume_rng_state = meta["epoch_rng_state"]
+            logger.info("resuming from %s: step %d of %d", latest, len(losses), total_steps)
+
+    def checkpoint(epoch: int, done_in_epoch: int, epoch_rng_state: dict[str, Any]) -> None:
+        assert ckpt_dir is not None
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": _torch_rng_state(),
+            "losses": torch.tensor(losses, dtype=torch.float64),
+        }
+        meta = {
+            "format": _CHECKPOINT_FORMAT,
+            "fingerprint": fingerprint,
+            "step": len(losses),
+            "total_steps": total_steps,
+            "epoch": epoch,
+            "batches_done_in_epoch": done_in_epoch,
+            "epoch_rng_state": epoch_rng_state,
+            "pairs_seen": pairs_seen,
+        }
+        _write_checkpoint(ckpt_dir, state, meta)
+
+    model.train()
     running: float | None = None
-    bar = tqdm(total=total_steps, desc="distill", unit="step", disable=not progress)
+    bar = tqdm(total=total_steps, initial=len(losses), desc="distill", unit="step", disable=not progress)
     try:
-        for _epoch in range(config.epochs):
+        for epoch in range(config.epochs):
             if len(losses) >= total_steps:
                 break
+            if epoch < start_epoch:
+                continue  # done before the interruption; its batch order is inside the saved RNG state
+            if epoch == start_epoch and resume_rng_state is not None:
+                rng.bit_generator.state = resume_rng_state
+            # The state that regenerates this epoch's batches: what a checkpoint must carry.
+            epoch_rng_state = dict(rng.bit_generator.state)
+            done_in_epoch = 0
             for batch in _length_bucketed_batches(lengths, config.batch_size, rng):
                 if len(losses) >= total_steps:
                     break
+                if epoch == start_epoch and done_in_epoch < skip_batches:
+                    done_in_epoch += 1
+                    continue
                 index = torch.tensor(batch, dtype=torch.long)
                 inputs = collate([features[i] for i in batch], pad_id, device)
                 logits = model(**inputs).logits
@@ -228,9 +421,14 @@ def distill_student(
                     )
                 losses.append(value)
                 pairs_seen += len(batch)
+                done_in_epoch += 1
                 running = value if running is None else 0.9 * running + 0.1 * value
                 bar.set_postfix(loss=f"{running:.4f}")
                 bar.update(1)
+                if ckpt_dir is not None and (
+                    len(losses) % checkpoint_every == 0 or len(losses) == total_steps
+                ):
+                    checkpoint(epoch, done_in_epoch, epoch_rng_state)
     finally:
         bar.close()
         model.eval()
