@@ -12,12 +12,16 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors  # noqa: E402
+# --------------------------------------------------------------------------------------------------
+# Tiny models, tokenizers and data (the approach of tests/test_distill.py)
+from tiny_models import (  # noqa: E402
+    WORDS,
+    bert_tokenizer,
+    decoder_tokenizer,
+    tiny_bert,
+    tiny_qwen,
+)
 from transformers import (  # noqa: E402
-    BertConfig,
-    BertForSequenceClassification,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
     Qwen2ForSequenceClassification,
 )
 
@@ -35,85 +39,7 @@ from darl_lite.distill.stages import (  # noqa: E402
 )
 from darl_lite.distill.trainer import predict_logits  # noqa: E402
 from darl_lite.errors import InputError  # noqa: E402
-from darl_lite.types import GRADE_NAMES, Pair  # noqa: E402
-
-# --------------------------------------------------------------------------------------------------
-# Tiny models, tokenizers and data (the approach of tests/test_distill.py)
-
-_WORD_TEXT = (
-    "szechwan dish food cuisine american chinese city river mountain band album song film actor "
-    "novel author country capital president war battle museum painter football club team"
-)
-WORDS = tuple(_WORD_TEXT.split())
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "<eos>"]
-VOCAB = {tok: i for i, tok in enumerate([*SPECIALS, *WORDS])}
-
-
-def _tokenizer(post: processors.TemplateProcessing) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordLevel(vocab=VOCAB, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = post
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
-    )
-
-
-def bert_tokenizer() -> PreTrainedTokenizerFast:
-    return _tokenizer(
-        processors.TemplateProcessing(
-            single="[CLS] $A [SEP]",
-            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", VOCAB["[CLS]"]), ("[SEP]", VOCAB["[SEP]"])],
-        )
-    )
-
-
-def decoder_tokenizer() -> PreTrainedTokenizerFast:
-    return _tokenizer(
-        processors.TemplateProcessing(
-            single="$A <eos>",
-            pair="$A [SEP] $B <eos>",
-            special_tokens=[("[SEP]", VOCAB["[SEP]"]), ("<eos>", VOCAB["<eos>"])],
-        )
-    )
-
-
-def tiny_bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=3,
-        pad_token_id=0,
-        id2label=dict(enumerate(GRADE_NAMES)),
-        label2id={n: i for i, n in enumerate(GRADE_NAMES)},
-    )
-    return BertForSequenceClassification(config).eval()
-
-
-def tiny_qwen() -> Qwen2ForSequenceClassification:
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        num_labels=3,
-        pad_token_id=0,
-        eos_token_id=VOCAB["<eos>"],
-    )
-    return Qwen2ForSequenceClassification(config).eval()
-
+from darl_lite.types import Pair  # noqa: E402
 
 BUILDERS = {"bert": (tiny_bert, bert_tokenizer), "qwen": (tiny_qwen, decoder_tokenizer)}
 
