@@ -1,4 +1,14 @@
-"""Benchmark fixtures: the bundle under test and real pairs from the shipped data."""
+"""Benchmark fixtures: the bundle and student under test, real pairs from the shipped data, contenders.
+
+Environment:
+    DARL_LITE_BUNDLE   the bundle (default: the quickstart's darl-lite-run/bundle)
+    DARL_BENCH_ST_DIR  a student folder with ST's ONNX exports (``bench.common.prepare_st_models``);
+                       without it the sentence-transformers contenders are skipped
+    DARL_BENCH_THREADS thread budgets to run, e.g. "2" (default "1,2"); ``bench.run`` runs one
+                       process per budget so the tokenizers' and BLAS pools are held to it as well
+    DARL_BENCH_SIZES   items per query, e.g. "1,10" (default "1,10,100,1000")
+    DARL_BENCH_SECONDS target seconds of timed calls per case (default 3; rounds 3..200)
+"""
 
 from __future__ import annotations
 
@@ -7,8 +17,19 @@ from pathlib import Path
 
 import pytest
 
-from darl_lite.datasets import load_dbpedia
-from darl_lite.types import Pair
+from bench.common import SIZES, THREADS, ContenderFactory, latency_requests
+
+
+def _ints(name: str, default: tuple[int, ...]) -> list[int]:
+    raw = os.environ.get(name)
+    return [int(x) for x in raw.split(",")] if raw else list(default)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "threads" in metafunc.fixturenames:
+        metafunc.parametrize("threads", _ints("DARL_BENCH_THREADS", THREADS), ids=lambda t: f"t{t}")
+    if "n_items" in metafunc.fixturenames:
+        metafunc.parametrize("n_items", _ints("DARL_BENCH_SIZES", SIZES), ids=lambda n: f"n{n}")
 
 
 @pytest.fixture(scope="session")
@@ -21,9 +42,24 @@ def bundle_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def st_dir() -> Path | None:
+    raw = os.environ.get("DARL_BENCH_ST_DIR")
+    return Path(raw) if raw else None
+
+
+@pytest.fixture(scope="session")
+def factory(bundle_dir: Path, st_dir: Path | None) -> ContenderFactory:
+    from darl_lite.bundle import load_bundle
+
+    return ContenderFactory(bundle_dir, st_dir, max_length=load_bundle(bundle_dir, verify=False).max_length)
+
+
+@pytest.fixture(scope="session")
 def query_items() -> dict[int, tuple[str, list[str]]]:
-    """For each size, one real test query with that many real items (cycled where it has fewer)."""
-    pairs: list[Pair] = list(load_dbpedia(fold=0).id_test)
-    query = pairs[0].query
-    items = [p.item for p in pairs]
-    return {n: (query, [items[i % len(items)] for i in range(n)]) for n in (1, 10, 100)}
+    """For each size, one real id_test query with that many distinct real id_test items."""
+    return latency_requests(tuple(sorted(set(_ints("DARL_BENCH_SIZES", SIZES)))))
+
+
+@pytest.fixture(scope="session")
+def seconds_per_case() -> float:
+    return float(os.environ.get("DARL_BENCH_SECONDS", "3"))

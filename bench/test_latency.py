@@ -1,58 +1,40 @@
-"""Latency of the runtime against the raw onnxruntime session, same bundle, same pairs, same threads.
+"""Latency of darl-lite against its floor and its peers: same weights, same pairs, same threads.
 
-    pytest bench --benchmark-only --benchmark-columns=median,ops,rounds
+    python -m bench.run ...           # the documented way: one process per thread budget, then the report
+    DARL_LITE_BUNDLE=/tmp/qs_ref/bundle DARL_BENCH_ST_DIR=... pytest bench/test_latency.py \
+        --benchmark-only --benchmark-json=out.json
 
-The raw session runs the int8 graph on pre-tokenised, pre-padded inputs: the floor for this model.
-The runtime's overhead (tokenising, bucketing, OOD score, routing, result objects) is the gap.
+One round = one request: one query with ``n_items`` items, scored end to end (for darl-lite:
+validation, tokenising, bucketing, the ONNX graph, OOD score, routing, result objects). The raw
+session runs the int8 graph on the runtime's own batch plan, pre-tokenised and pre-padded: the floor
+for this model; the runtime's overhead is the gap. Rounds are sized so each case times about
+``DARL_BENCH_SECONDS`` of calls (at least 3, at most 200), after warm-up calls.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
+import time
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 
-from darl_lite import Scorer, SessionConfig
-from darl_lite.bundle import load_bundle, model_role
-from darl_lite.inference import RelevanceModel
-
-SIZES = [1, 10, 100]
-THREADS = [1, 2]
+from bench.common import CONTENDERS
 
 
-@pytest.mark.parametrize("threads", THREADS)
-@pytest.mark.parametrize("n_items", SIZES)
-@pytest.mark.parametrize("precision", ["int8", "fp32"])
-def test_runtime_score(
-    benchmark, bundle_dir: Path, query_items, precision: str, n_items: int, threads: int
+@pytest.mark.parametrize("contender", list(CONTENDERS))
+def test_latency(
+    benchmark, factory, st_dir, query_items, seconds_per_case, contender: str, n_items: int, threads: int
 ) -> None:
-    scorer = Scorer.load(bundle_dir, precision=precision, session=SessionConfig(intra_op_threads=threads))
+    if contender.startswith("st_") and st_dir is None:
+        pytest.skip("set DARL_BENCH_ST_DIR (bench.run does) for the sentence-transformers contenders")
     query, items = query_items[n_items]
-    results = benchmark(scorer.score, query, items)
-    assert len(results) == n_items
-    benchmark.extra_info["pairs"] = n_items
-
-
-@pytest.mark.parametrize("threads", THREADS)
-@pytest.mark.parametrize("n_items", SIZES)
-def test_raw_session_int8(benchmark, bundle_dir: Path, query_items, n_items: int, threads: int) -> None:
-    bundle = load_bundle(bundle_dir)
-    model = RelevanceModel(
-        bundle.path_of(model_role("int8")),
-        bundle.path_of("tokenizer"),
-        max_length=bundle.max_length,
-        session=SessionConfig(intra_op_threads=threads),
-    )
-    query, items = query_items[n_items]
-    encodings = model.tokenizer.encode_batch([(query, item) for item in items])
-    width = max(len(e.ids) for e in encodings)
-    feeds = model._feeds(encodings, width)  # pre-tokenised, padded once
-    options = SessionConfig(intra_op_threads=threads).session_options()
-    session = ort.InferenceSession(
-        str(bundle.path_of(model_role("int8"))), options, providers=["CPUExecutionProvider"]
-    )
-    logits, _ = benchmark(session.run, ["logits", "pooled"], feeds)
-    assert np.asarray(logits).shape[0] == n_items
-    benchmark.extra_info["pairs"] = n_items
+    call = factory.prepare(contender, threads, query, items)
+    call()  # warm-up: first run of a fresh session on this shape
+    started = time.perf_counter()
+    call()  # the estimate that sizes the rounds
+    estimate = time.perf_counter() - started
+    rounds = max(3, min(200, math.ceil(seconds_per_case / max(estimate, 1e-6))))
+    result = benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
+    assert result is not None
+    benchmark.group = f"n={n_items} threads={threads}"
+    benchmark.extra_info.update(contender=contender, pairs=n_items, threads=threads)

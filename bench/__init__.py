@@ -1,0 +1,1 @@
+"""darl-lite benchmarks: latency, cost model, memory and quality suites (``python -m bench.run``)."""

@@ -1,0 +1,337 @@
+"""Shared pieces of the benchmark suites: the real requests, the thread budget, the contenders, FLOPs.
+
+Every contender gets the same student weights, the same real pairs, the same batch size (32, pairs
+sorted by length) and the same thread budget: onnxruntime intra-op threads, ``torch.set_num_threads``,
+and, because the suites run in one process per budget (``bench.run``), the Rust tokenizers' rayon
+pool and the BLAS/OpenMP pools through the environment (:func:`thread_env`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+#: Items per query of the latency suites.
+SIZES: tuple[int, ...] = (1, 10, 100, 1000)
+#: Thread budgets of the latency suites.
+THREADS: tuple[int, ...] = (1, 2)
+#: The batch size every contender uses (darl-lite's and sentence-transformers' default).
+BATCH_SIZE = 32
+
+#: Contender name → (label, precision of its GEMMs).
+CONTENDERS: dict[str, tuple[str, str]] = {
+    "darl_int8": ("darl-lite runtime int8", "int8"),
+    "darl_fp32": ("darl-lite runtime fp32", "fp32"),
+    "raw_int8": ("raw onnxruntime session, int8 graph, pre-tokenised (floor)", "int8"),
+    "darl_int8_nospin": ("prototype: darl-lite int8, onnxruntime spinning off", "int8"),
+    "darl_int8_tuned": ("prototype: darl-lite int8, spinning off + float32 OOD", "int8"),
+    "st_torch": ("sentence-transformers CrossEncoder, torch fp32", "fp32"),
+    "st_onnx": ("sentence-transformers CrossEncoder, ONNX backend fp32", "fp32"),
+    "st_onnx_int8": ("sentence-transformers CrossEncoder, ONNX dynamic-quantized (avx512_vnni)", "int8"),
+}
+
+ST_ONNX_FILE = "onnx/model.onnx"
+ST_ONNX_INT8_FILE = "onnx/model_qint8_avx512_vnni.onnx"
+
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS")
+
+
+def thread_env(threads: int | None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child process held to ``threads`` (None: leave the pools alone)."""
+    env = dict(os.environ if base is None else base)
+    if threads is not None:
+        for name in THREAD_ENV_VARS:
+            env[name] = str(threads)
+    env["TOKENIZERS_PARALLELISM"] = "true"
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def python() -> str:
+    return sys.executable
+
+
+# --------------------------------------------------------------------------------------------------
+# Real requests
+
+
+@lru_cache(maxsize=1)
+def latency_requests(sizes: tuple[int, ...] = SIZES) -> dict[int, tuple[str, list[str]]]:
+    """For each size n: the id_test query with the most judged items, and n real id_test items
+    (its own first, then the other queries' items in file order; distinct texts, no cycling)."""
+    from darl_lite.datasets import load_dbpedia
+
+    pairs = list(load_dbpedia(fold=0).id_test)
+    by_query: dict[str, list[str]] = {}
+    for p in pairs:
+        by_query.setdefault(p.query, []).append(p.item)
+    query = max(by_query, key=lambda q: len(by_query[q]))
+    items: list[str] = []
+    seen: set[str] = set()
+    for item in [*by_query[query], *(p.item for p in pairs)]:
+        if item not in seen:
+            seen.add(item)
+            items.append(item)
+    if len(items) < max(sizes):
+        raise RuntimeError(f"id_test has only {len(items)} distinct items, need {max(sizes)}")
+    return {n: (query, items[:n]) for n in sizes}
+
+
+# --------------------------------------------------------------------------------------------------
+# sentence-transformers models, exported once into a writable copy of the student
+
+
+def prepare_st_models(student: Path, work: Path, max_length: int) -> Path:
+    """A writable copy of ``student`` with ST's ONNX export and its dynamic-quantized export in ``onnx/``."""
+    target = work / "st_student"
+    if (target / ST_ONNX_FILE).is_file() and (target / ST_ONNX_INT8_FILE).is_file():
+        return target
+    import logging
+
+    from sentence_transformers import CrossEncoder
+    from sentence_transformers.backend import export_dynamic_quantized_onnx_model
+
+    logging.getLogger("sentence_transformers").setLevel(logging.ERROR)
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(student, target)
+    for path in [target, *target.rglob("*")]:
+        path.chmod(path.stat().st_mode | 0o200)
+    model = CrossEncoder(str(target), backend="onnx", device="cpu", max_length=max_length)
+    model.save_pretrained(str(target))
+    export_dynamic_quantized_onnx_model(model, "avx512_vnni", str(target))
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# Contenders: prepare(query, items) -> a zero-argument call that scores the request
+
+
+Call = Callable[[], Any]
+
+
+@dataclass
+class ContenderFactory:
+    """Builds each contender once per thread budget and returns request-bound calls."""
+
+    bundle: Path
+    st_dir: Path | None
+    max_length: int = 64
+
+    def __post_init__(self) -> None:
+        self._cache: dict[tuple[str, int], Any] = {}
+
+    def prepare(self, name: str, threads: int, query: str, items: list[str]) -> Call:
+        if name.startswith("st_"):
+            import torch
+
+            torch.set_num_threads(threads)
+        model = self._model(name, threads)
+        if name.startswith("darl_"):
+            return lambda: model.score(query, items)
+        if name == "raw_int8":
+            return _raw_call(model, query, items)
+        pairs = [(query, item) for item in items]
+        return lambda: model.predict(
+            pairs, batch_size=BATCH_SIZE, apply_softmax=True, show_progress_bar=False
+        )
+
+    def _model(self, name: str, threads: int) -> Any:
+        key = (name, threads)
+        if key not in self._cache:
+            self._cache[key] = self._build(name, threads)
+        return self._cache[key]
+
+    def _build(self, name: str, threads: int) -> Any:
+        from darl_lite import Scorer, SessionConfig
+
+        session = SessionConfig(intra_op_threads=threads)
+        if name == "darl_int8":
+            return Scorer.load(self.bundle, precision="int8", session=session, batch_size=BATCH_SIZE)
+        if name == "darl_fp32":
+            return Scorer.load(self.bundle, precision="fp32", session=session, batch_size=BATCH_SIZE)
+        if name == "raw_int8":
+            return RawSession(self.bundle, threads)
+        if name in ("darl_int8_nospin", "darl_int8_tuned"):
+            return _prototype(self.bundle, threads, float32_ood=name == "darl_int8_tuned")
+        if self.st_dir is None:
+            raise RuntimeError("sentence-transformers contenders need --student (DARL_BENCH_ST_DIR)")
+        from sentence_transformers import CrossEncoder
+
+        if name == "st_torch":
+            return CrossEncoder(str(self.st_dir), device="cpu", max_length=self.max_length)
+        file_name = ST_ONNX_FILE if name == "st_onnx" else ST_ONNX_INT8_FILE
+        return CrossEncoder(
+            str(self.st_dir),
+            backend="onnx",
+            device="cpu",
+            max_length=self.max_length,
+            model_kwargs={
+                "file_name": file_name,
+                "provider": "CPUExecutionProvider",
+                "session_options": session.session_options(),
+            },
+        )
+
+
+def _prototype(bundle: Path, threads: int, *, float32_ood: bool) -> Any:
+    """The shipped int8 scorer with the runtime changes suggested in docs/bench-results.md applied
+    from outside (the runtime itself is untouched): onnxruntime's intra-op pool does not spin after
+    a run, and optionally the OOD score runs in float32 with its constant term cached."""
+    import onnxruntime as ort
+
+    from darl_lite import Scorer, SessionConfig
+    from darl_lite.bundle import model_role
+
+    scorer = Scorer.load(
+        bundle, precision="int8", session=SessionConfig(intra_op_threads=threads), batch_size=BATCH_SIZE
+    )
+    options = SessionConfig(intra_op_threads=threads).session_options()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    scorer.model.session = ort.InferenceSession(
+        str(scorer.bundle.path_of(model_role("int8"))), options, providers=["CPUExecutionProvider"]
+    )
+    if float32_ood:
+        scorer.detector = Float32Mahalanobis(scorer.detector)  # type: ignore[assignment]
+    return scorer
+
+
+class Float32Mahalanobis:
+    """Prototype of a cheaper OOD score: float32 operands and ``m^T P m`` computed once at load."""
+
+    def __init__(self, detector: Any) -> None:
+        import numpy as np
+
+        self.precision = detector.precision.astype(np.float32)
+        self.means_t = np.ascontiguousarray(detector.means.T.astype(np.float32))
+        quad = np.einsum("cd,dk,ck->c", detector.means, detector.precision, detector.means)
+        self.quad_m = quad.astype(np.float32)
+
+    def score(self, features: Any) -> Any:
+        import numpy as np
+
+        x = np.asarray(features, np.float32)
+        xp = x @ self.precision
+        d = np.einsum("nd,nd->n", xp, x)[:, None] - 2.0 * (xp @ self.means_t) + self.quad_m
+        return np.maximum(d, 0.0).min(axis=1).astype(np.float64)
+
+
+class RawSession:
+    """The int8 graph in a bare onnxruntime session plus the bundle's tokenizer (used only to prepare)."""
+
+    def __init__(self, bundle_dir: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        from darl_lite import SessionConfig
+        from darl_lite.bundle import load_bundle, model_role
+        from darl_lite.inference import RelevanceModel
+
+        bundle = load_bundle(bundle_dir)
+        config = SessionConfig(intra_op_threads=threads)
+        self.helper = RelevanceModel(
+            bundle.path_of(model_role("int8")),
+            bundle.path_of("tokenizer"),
+            max_length=bundle.max_length,
+            session=config,
+        )
+        self.session = ort.InferenceSession(
+            str(bundle.path_of(model_role("int8"))),
+            config.session_options(),
+            providers=["CPUExecutionProvider"],
+        )
+        self.output_names = self.helper.output_names
+
+    def batches(self, query: str, items: list[str]) -> list[dict[str, Any]]:
+        """The runtime's batch plan (sorted by token length, 32 a batch, padded per batch), prebuilt."""
+        import numpy as np
+
+        encodings = self.helper.tokenizer.encode_batch([(query, item) for item in items])
+        lengths = np.asarray([len(e.ids) for e in encodings])
+        order = np.argsort(lengths, kind="stable")
+        feeds = []
+        for start in range(0, len(items), BATCH_SIZE):
+            index = order[start : start + BATCH_SIZE]
+            feeds.append(self.helper._feeds([encodings[i] for i in index], int(lengths[index].max())))
+        return feeds
+
+
+def _raw_call(raw: RawSession, query: str, items: list[str]) -> Call:
+    feeds = raw.batches(query, items)
+    run, names = raw.session.run, raw.output_names
+
+    def call() -> list[Any]:
+        return [run(names, f) for f in feeds]
+
+    return call
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost model
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    layers: int = 6
+    hidden: int = 384
+    ffn: int = 1536
+    n_labels: int = 3
+
+    @classmethod
+    def from_config(cls, config_json: Path) -> EncoderShape:
+        c = json.loads(config_json.read_text())
+        return cls(
+            layers=int(c["num_hidden_layers"]),
+            hidden=int(c["hidden_size"]),
+            ffn=int(c["intermediate_size"]),
+            n_labels=len(c.get("id2label", {})) or 3,
+        )
+
+    def flops(self, tokens: float) -> float:
+        """Multiply-adds × 2 of one pair of ``tokens`` tokens through the encoder, pooler and head.
+
+        Per layer: Q, K, V, O projections ``4·2·L·d²``; attention scores and weighted sum
+        ``2·2·L²·d``; feed-forward ``2·2·L·d·f``. Pooler ``2·d²``, head ``2·d·c``. Embedding look-ups,
+        layer norms, softmax and GELU are not counted (they are not GEMMs).
+        """
+        L, d, f = float(tokens), self.hidden, self.ffn
+        per_layer = 8 * L * d * d + 4 * L * L * d + 4 * L * d * f
+        return self.layers * per_layer + 2 * d * d + 2 * d * self.n_labels
+
+
+def token_stats(bundle: Path, requests: dict[int, tuple[str, list[str]]], shape: EncoderShape) -> dict:
+    """Per size: mean tokens per pair, useful GFLOPs per request (actual lengths) and executed GFLOPs
+    (the runtime's batch plan: each batch padded to its longest pair)."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from darl_lite.bundle import load_bundle
+
+    b = load_bundle(bundle, verify=False)
+    tok = Tokenizer.from_file(str(b.path_of("tokenizer")))
+    tok.no_padding()
+    tok.enable_truncation(b.max_length, strategy="longest_first")
+    out = {}
+    for n, (query, items) in requests.items():
+        lengths = np.asarray([len(e.ids) for e in tok.encode_batch([(query, i) for i in items])])
+        ordered = np.sort(lengths)
+        executed = sum(
+            len(ordered[s : s + BATCH_SIZE]) * shape.flops(ordered[s : s + BATCH_SIZE].max())
+            for s in range(0, n, BATCH_SIZE)
+        )
+        out[str(n)] = {
+            "mean_tokens": float(lengths.mean()),
+            "max_tokens": int(lengths.max()),
+            "useful_gflop": float(sum(shape.flops(x) for x in lengths) / 1e9),
+            "executed_gflop": float(executed / 1e9),
+        }
+    return out

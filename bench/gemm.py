@@ -1,0 +1,155 @@
+"""The machine's measured GEMM throughput: the peak a contender's figure is held against.
+
+    python -m bench.gemm --threads 2 --out gemm_t2.json
+
+Four kernels, each on the student's own GEMM shapes (M = 32 pairs × 40 tokens; K×N = 384×384,
+384×1536, 1536×384) and on a large square one (2048³); the peak of a precision is the best of its
+kernels and shapes:
+
+- ``numpy_fp32``: ``numpy.matmul`` (its BLAS; threads set through the environment, so run this module
+  in a fresh process per thread budget, as ``bench.run`` does);
+- ``ort_fp32``: an onnxruntime ``MatMul`` with the weight as an initializer;
+- ``ort_int8_dynamic``: the same graph through ``quantize_dynamic`` (QInt8, per channel), which
+  onnxruntime fuses to the dynamic-quantized kernel the int8 bundles run (activations quantized on
+  the fly, u8×s8 GEMM);
+- ``ort_int8_static``: ``MatMulInteger`` on inputs already in uint8: the bare u8×s8 kernel.
+
+GOPS = 2·M·K·N / median seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPES: tuple[tuple[int, int, int], ...] = (
+    (1280, 384, 384),
+    (1280, 384, 1536),
+    (1280, 1536, 384),
+    (2048, 2048, 2048),
+)
+
+
+def _median_seconds(fn, budget_s: float) -> float:
+    fn()
+    fn()
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 200):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def _matmul_model(path: Path, m: int, k: int, n: int, rng: np.random.Generator) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array((rng.standard_normal((k, n)) * 0.05).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "W"], ["Y"])],
+        "gemm",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["m", n])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def _integer_model(path: Path, k: int, n: int, rng: np.random.Generator) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(rng.integers(-127, 128, (k, n), dtype=np.int8), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["A", "W"], ["Y"])],
+        "gemm_int8",
+        [helper.make_tensor_value_info("A", TensorProto.UINT8, ["m", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.INT32, ["m", n])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def measure(threads: int, budget_s: float = 0.6) -> dict:
+    import logging
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic's "consider pre-processing" advice
+    rng = np.random.default_rng(0)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for m, k, n in SHAPES:
+            a = rng.standard_normal((m, k)).astype(np.float32)
+            b = rng.standard_normal((k, n)).astype(np.float32)
+            fp32, int8, static = (Path(tmp) / f"{x}_{k}_{n}.onnx" for x in ("fp32", "dyn", "static"))
+            _matmul_model(fp32, m, k, n, rng)
+            quantize_dynamic(str(fp32), str(int8), per_channel=True, weight_type=QuantType.QInt8)
+            _integer_model(static, k, n, rng)
+            a_u8 = rng.integers(0, 256, (m, k), dtype=np.uint8)
+            kernels = {
+                "numpy_fp32": lambda a=a, b=b: np.matmul(a, b),
+                "ort_fp32": _runner(fp32, options, {"A": a}),
+                "ort_int8_dynamic": _runner(int8, options, {"A": a}),
+                "ort_int8_static": _runner(static, options, {"A": a_u8}),
+            }
+            for kernel, fn in kernels.items():
+                seconds = _median_seconds(fn, budget_s)
+                rows.append(
+                    {
+                        "kernel": kernel,
+                        "precision": "int8" if "int8" in kernel else "fp32",
+                        "m": m,
+                        "k": k,
+                        "n": n,
+                        "seconds": seconds,
+                        "gops": 2.0 * m * k * n / seconds / 1e9,
+                    }
+                )
+    peak = {
+        p: max(r["gops"] for r in rows if r["precision"] == p and r["kernel"] != "ort_int8_static")
+        for p in ("fp32", "int8")
+    }
+    return {
+        "threads": threads,
+        "rows": rows,
+        "peak_gops": peak,
+        "peak_gops_static_int8": max(r["gops"] for r in rows if r["kernel"] == "ort_int8_static"),
+    }
+
+
+def _runner(path: Path, options, feeds):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda: session.run(None, feeds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--budget", type=float, default=0.6, help="seconds of timed runs per kernel/shape")
+    args = parser.parse_args()
+    args.out.write_text(json.dumps(measure(args.threads, args.budget), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
