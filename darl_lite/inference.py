@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 #: WordPiece/BPE vocabulary covers more, so the kept ids are unchanged, and a 1 MB item costs
 #: no more than a long one. The cut is reported as truncation.
 CHARS_PER_TOKEN_CAP = 100
+#: Pairs tokenised and run per chunk of a long call (bounds the memory of one call).
+CHUNK_PAIRS = 1024
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -147,6 +149,23 @@ class RelevanceModel:
                 np.zeros(0, bool),
                 np.zeros(0, np.int64),
             )
+        if n <= CHUNK_PAIRS:
+            return self._run_chunk(queries, items)
+        # Long calls go chunk by chunk, so tokenizer encodings and padded batches of only one
+        # chunk are alive at a time: peak memory stays flat however many pairs arrive.
+        parts = [
+            self._run_chunk(queries[start : start + CHUNK_PAIRS], items[start : start + CHUNK_PAIRS])
+            for start in range(0, n, CHUNK_PAIRS)
+        ]
+        return ModelOutputs(
+            np.concatenate([p.logits for p in parts]),
+            np.concatenate([p.pooled for p in parts]),
+            np.concatenate([p.truncated for p in parts]),
+            np.concatenate([p.n_tokens for p in parts]),
+        )
+
+    def _run_chunk(self, queries: Sequence[str], items: Sequence[str]) -> ModelOutputs:
+        n = len(queries)
         cap = self._char_cap
         cut = np.fromiter(
             (len(q) > cap or len(t) > cap for q, t in zip(queries, items, strict=True)), bool, n

@@ -245,7 +245,7 @@ class Scorer:
 
     def _to_results(self, scored: ScoredArrays) -> list[PairScore]:
         probs = scored.probabilities
-        expected = probs @ self.gains
+        expected = np.einsum("nc,c->n", probs, self.gains, optimize=False)  # no BLAS pool: see ood.py
         grades = probs.argmax(axis=1)
         return [
             PairScore(
