@@ -9,10 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
-import socket
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +18,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from uvicorn_thread import serve_in_thread
 
 from darl_lite import Scorer, SessionConfig
 from darl_lite.cli import main
@@ -221,21 +219,7 @@ def scorer(tiny_bundle_dir: Path) -> Scorer:
 @pytest.fixture(scope="module")
 def base_url(scorer: Scorer) -> Iterator[str]:
     app = create_app(scorer, max_items=MAX_ITEMS, max_body_bytes=MAX_BODY)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    yield from serve_in_thread(app, log_level="critical")
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pytest
+from uvicorn_thread import serve_in_thread
 
 from darl_lite import Scorer, SessionConfig
 
@@ -29,27 +27,9 @@ def scorer(tiny_bundle_dir: Path) -> Scorer:
     return Scorer.load(tiny_bundle_dir, precision="fp32", session=SessionConfig(intra_op_threads=1))
 
 
-def _run(app: Any) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def url(scorer: Scorer) -> Iterator[str]:
-    yield from _run(create_app(scorer, max_items=10, max_body_bytes=2000, token=TOKEN))
+    yield from serve_in_thread(create_app(scorer, max_items=10, max_body_bytes=2000, token=TOKEN))
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +123,7 @@ def _parse_metrics(text: str) -> dict[str, float]:
 def test_internal_errors_are_500_without_details(tiny_bundle_dir: Path) -> None:
     scorer = Scorer.load(tiny_bundle_dir, precision="fp32", session=SessionConfig(intra_op_threads=1))
     scorer.routing = None  # type: ignore[assignment]  # a bug inside scoring, not bad input
-    for base in _run(create_app(scorer)):
+    for base in serve_in_thread(create_app(scorer)):
         response = httpx.post(f"{base}/score", json={"query": "q", "items": ["a"]})
         assert response.status_code == 500
         assert response.json() == {"detail": "internal error"}
