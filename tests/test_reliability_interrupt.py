@@ -29,7 +29,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors  # noqa: E402
+from tiny_models import VOCAB, WORDS, bert_tokenizer  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast  # noqa: E402
 
 import darl_lite.distill.trainer as trainer  # noqa: E402
@@ -41,25 +41,6 @@ from darl_lite.errors import DataError, InputError  # noqa: E402
 from darl_lite.teacher_file import read_provenance, read_teacher_outputs, write_teacher_outputs  # noqa: E402
 from darl_lite.types import Pair  # noqa: E402
 
-WORDS = [
-    "szechwan",
-    "dish",
-    "food",
-    "cuisine",
-    "city",
-    "river",
-    "band",
-    "album",
-    "film",
-    "actor",
-    "novel",
-    "author",
-    "war",
-    "museum",
-    "club",
-]
-VOCAB = {tok: i for i, tok in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
-
 
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
@@ -68,21 +49,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordLevel(vocab=VOCAB, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    cls_id, sep_id = VOCAB["[CLS]"], VOCAB["[SEP]"]
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
-    )
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +66,7 @@ def tiny() -> tuple[Any, PreTrainedTokenizerFast]:
         hidden_dropout_prob=0.1,
         attention_probs_dropout_prob=0.1,
     )
-    return BertForSequenceClassification(config), _tokenizer()
+    return BertForSequenceClassification(config), bert_tokenizer()
 
 
 @pytest.fixture(scope="module")
