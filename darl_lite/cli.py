@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from darl_lite.errors import DarlLiteError, DataError, InputError
 
@@ -71,14 +72,23 @@ def _cmd_distill_label(args: argparse.Namespace) -> int:
     from darl_lite.distill.teachers import HFTeacher
 
     pairs = load_pairs(args.pairs) if args.pairs else list(load_dbpedia(fold=args.fold).all_pairs())
-    teacher = HFTeacher.from_pretrained(
-        args.model, name=args.name, kind=args.kind, max_length=args.max_length, batch_size=args.batch_size
-    )
+    teacher: Any
+    if args.head:
+        from darl_lite.distill.teacher_tune import ProbeTeacher
+
+        teacher = ProbeTeacher.from_files(args.model, args.head, batch_size=args.batch_size)
+        if args.name:
+            teacher.name = args.name
+    else:
+        teacher = HFTeacher.from_pretrained(
+            args.model, name=args.name, kind=args.kind, max_length=args.max_length, batch_size=args.batch_size
+        )
     provenance = {
         "name": teacher.name,
         "kind": teacher.kind,
         "model": str(args.model),
         "model_sha256": weights_sha256(args.model),
+        **({"head": str(args.head)} if args.head else {}),
         "command": " ".join(["darl-lite", *sys.argv[1:]]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -91,16 +101,30 @@ def _cmd_distill_label(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_distill_standin(args: argparse.Namespace) -> int:
+def _cmd_distill_teacher(args: argparse.Namespace) -> int:
     from darl_lite.datasets import load_dbpedia
-    from darl_lite.distill.standin import make_standin_teacher
-    from darl_lite.distill.trainer import DistillConfig
+    from darl_lite.distill.llm_teacher import ProbeConfig
+    from darl_lite.distill.teacher_fetch import default_cache_dir
+    from darl_lite.distill.teacher_tune import tune_teacher
 
-    config = DistillConfig(
-        epochs=args.epochs, max_length=args.max_length, seed=args.seed, max_steps=args.max_steps
+    config = ProbeConfig(
+        loss=args.loss,
+        augmentation=args.augmentation,
+        augment_budget=args.augment_budget,
+        epochs=args.epochs,
+        seed=args.seed,
     )
-    provenance = make_standin_teacher(load_dbpedia(fold=args.fold), args.out, config, fold=args.fold)
-    print(json.dumps(provenance, indent=2))
+    run = tune_teacher(
+        load_dbpedia(fold=args.fold),
+        args.model or default_cache_dir(),
+        args.out,
+        cache_dir=args.cache_dir or default_cache_dir().parent.parent / "teacher-features",
+        config=config,
+        layers=tuple(args.layers),
+        fold=args.fold,
+    )
+    print((run.ablation_file.with_suffix(".md")).read_text(encoding="utf-8"))
+    print(f"teacher file: {run.teacher_file}\nhead: {run.head_file}\nablation: {run.ablation_file}")
     return 0
 
 
@@ -343,21 +367,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     label.add_argument("--fold", type=int, default=0, choices=range(5))
     label.add_argument("--name", default=None, help="teacher name in reports (default: the folder)")
-    label.add_argument("--kind", default="llm", choices=["llm", "encoder", "stand-in"])
+    label.add_argument(
+        "--head", default=None, help="probe head .npz from 'distill teacher' (grade with the tuned LLM)"
+    )
+    label.add_argument("--kind", default="llm", choices=["llm", "encoder"])
     label.add_argument("--max-length", type=int, default=128)
     label.add_argument("--batch-size", type=int, default=32)
     label.add_argument("--chunk-size", type=int, default=1000, help="pairs per committed chunk")
     label.set_defaults(handler=_cmd_distill_label)
-    standin = distill.add_parser(
-        "standin-teacher", allow_abbrev=False, help="train the stand-in teacher and grade every shipped pair"
+    teacher = distill.add_parser(
+        "teacher",
+        allow_abbrev=False,
+        help="tune the LLM teacher (DaRL stage 1: probe, graded loss, DASA) and grade every shipped pair",
     )
-    standin.add_argument("--out", required=True, help="teacher outputs file to write (.jsonl.gz)")
-    standin.add_argument("--fold", type=int, default=0, choices=range(5))
-    standin.add_argument("--epochs", type=int, default=2)
-    standin.add_argument("--max-length", type=int, default=64)
-    standin.add_argument("--seed", type=int, default=0)
-    standin.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps")
-    standin.set_defaults(handler=_cmd_distill_standin)
+    teacher.add_argument("--out", required=True, help="folder for the teacher file, head and ablation")
+    teacher.add_argument("--model", default=None, help="LLM folder (default: the fetch-teacher cache)")
+    teacher.add_argument(
+        "--cache-dir", default=None, help="feature cache (default: ~/.cache/darl-lite/teacher-features)"
+    )
+    teacher.add_argument("--fold", type=int, default=0, choices=range(5))
+    teacher.add_argument("--layers", type=int, nargs="+", default=[12, 18, -1], help="candidate layers")
+    teacher.add_argument("--loss", default="graded", choices=["ce", "graded"])
+    teacher.add_argument("--augmentation", default="dasa", choices=["none", "random", "dasa"])
+    teacher.add_argument("--augment-budget", type=int, default=2000)
+    teacher.add_argument("--epochs", type=int, default=30)
+    teacher.add_argument("--seed", type=int, default=0)
+    teacher.set_defaults(handler=_cmd_distill_teacher)
     fetch = distill.add_parser(
         "fetch-teacher",
         add_help=False,  # --help and every option go to the fetcher itself

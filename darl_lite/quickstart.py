@@ -24,7 +24,7 @@ from darl_lite.types import GRADE_GAINS, Pair
 logger = logging.getLogger(__name__)
 
 #: The shipped teacher outputs for every pair of the shipped data, with provenance beside them.
-SHIPPED_TEACHER = "teacher_standin.jsonl.gz"
+SHIPPED_TEACHER = "teacher_llm.jsonl.gz"
 
 
 def shipped_teacher_path() -> Path:

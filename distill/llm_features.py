@@ -171,7 +171,7 @@ def cache_features(
                 tmp = path.with_name(path.name + ".tmp.npz")
                 np.savez(tmp, **{f"layer_{layer}": arrays[layer] for layer in resolved})
                 os.replace(tmp, path)
-            with np.load(path) as data:
+            with np.load(path, allow_pickle=False) as data:
                 for layer in resolved:
                     parts[layer].append(data[f"layer_{layer}"])
     finally:

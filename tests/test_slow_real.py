@@ -24,7 +24,7 @@ def test_quickstart_on_real_minilm(tmp_path: Path) -> None:
 
     report = run_quickstart(QuickstartConfig(out_dir=str(tmp_path), max_train_pairs=2000, progress=False))
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved["teacher"]["kind"] == "stand-in"
+    assert saved["teacher"]["kind"] == "llm"
     for model in ("teacher", "student_fp32", "student_int8", "cascade"):
         for split in ("id_test", "ood_test"):
             assert set(saved["metrics"][model][split]) >= {"macro_f1", "accuracy", "ndcg@10", "ece"}
