@@ -71,7 +71,12 @@ def _cmd_distill_label(args: argparse.Namespace) -> int:
     from darl_lite.distill.label import label_pairs
     from darl_lite.distill.teachers import HFTeacher
 
-    pairs = load_pairs(args.pairs) if args.pairs else list(load_dbpedia(fold=args.fold).all_pairs())
+    # Pairs to label need no grade (a present grade column is not read).
+    pairs = (
+        load_pairs(args.pairs, grade_col=None)
+        if args.pairs
+        else list(load_dbpedia(fold=args.fold).all_pairs())
+    )
     teacher: Any
     if args.head:
         from darl_lite.distill.teacher_tune import ProbeTeacher

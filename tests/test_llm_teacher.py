@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from dataclasses import replace
@@ -552,3 +553,30 @@ def test_probe_teacher_with_a_trained_head_and_a_bad_layer(llm, tmp_path: Path) 
     np.testing.assert_allclose(teacher.predict_proba(pairs), head.predict_proba(features[LAST]), atol=1e-5)
     with pytest.raises(InputError, match="hidden states"):
         ProbeTeacher(model, tok, replace(head, layer=N_LAYERS + 1))
+
+
+def test_cli_label_with_a_head_grades_a_pairs_file_with_the_tuned_teacher(llm, tmp_path: Path) -> None:
+    """`distill label --model DIR --head HEAD` writes the tuned teacher's grades, with provenance."""
+    from darl_lite.cli import main
+    from darl_lite.teacher_file import read_provenance, read_teacher_outputs
+
+    model, tok = llm
+    model_dir = tmp_path / "llm"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    head = random_head(model.config.hidden_size, layer=1, seed=5)
+    head.save(tmp_path / "head.npz")
+    pairs = text_pairs(9, seed=11)
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text(
+        "".join(json.dumps({"query": p.query, "item": p.item}) + "\n" for p in pairs), encoding="utf-8"
+    )
+    out = tmp_path / "graded.jsonl.gz"
+    argv = ["distill", "label", "--model", str(model_dir), "--head", str(tmp_path / "head.npz")]
+    assert main([*argv, "--pairs", str(pairs_file), "--out", str(out), "--batch-size", "4"]) == 0
+    outputs = read_teacher_outputs(out)
+    expected = ProbeTeacher(model, tok, head).predict_proba(pairs)
+    np.testing.assert_allclose(np.stack([outputs[p.key] for p in pairs]), expected, atol=1e-5)
+    provenance = read_provenance(out)
+    assert provenance is not None
+    assert provenance["kind"] == "llm" and provenance["head"] == str(tmp_path / "head.npz")
