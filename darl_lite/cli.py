@@ -28,6 +28,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
         teacher_file=args.teacher,
         epochs=args.epochs,
         max_train_pairs=args.max_train_pairs,
+        distil_pool=not args.no_pool,
         max_length=args.max_length,
         threads=args.threads,
         seed=args.seed,
@@ -336,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--epochs", type=int, default=1)
     quick.add_argument("--max-train-pairs", type=int, default=None, help="subsample training pairs")
     quick.add_argument("--max-length", type=int, default=64, help="tokens per pair")
+    quick.add_argument(
+        "--no-pool",
+        action="store_true",
+        help="distil on train only, not also on the teacher-graded ood_train pool",
+    )
     quick.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = auto)")
     quick.add_argument("--seed", type=int, default=0)
     quick.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,9 @@ class QuickstartConfig:
     alpha: float = 0.5
     max_length: int = 64
     max_train_pairs: int | None = None
+    # Also distil on the unlabeled out-of-distribution pool (ood_train) with the teacher's grades
+    # only: the student then learns what the teacher knows beyond the keyword queries.
+    distil_pool: bool = True
     threads: int = 0
     seed: int = 0
     progress: bool = True
@@ -84,6 +87,15 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
     if cfg.max_train_pairs is not None and cfg.max_train_pairs < len(train):
         rng = np.random.default_rng(cfg.seed)
         train = [train[i] for i in sorted(rng.choice(len(train), cfg.max_train_pairs, replace=False))]
+    n_labelled = len(train)
+    if cfg.distil_pool:
+        # Human grades stay unread: the pool is unlabeled data, graded by the teacher alone.
+        pool = [replace(p, grade=None) for p in splits.ood_train if teacher.covers([p])]
+        if cfg.max_train_pairs is not None and cfg.max_train_pairs < len(pool):
+            rng = np.random.default_rng(cfg.seed + 1)
+            pool = [pool[i] for i in sorted(rng.choice(len(pool), cfg.max_train_pairs, replace=False))]
+        train += pool
+    n_pool = len(train) - n_labelled
     logger.info("teacher %r (%s); %d training pairs", teacher.name, teacher.kind, len(train))
 
     # 1. Distil the teacher's grade distributions into the student.
@@ -176,7 +188,8 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "teacher": {"name": teacher.name, "kind": teacher.kind},
         "splits": {
-            "train": len(train),
+            "train": len(train) - n_pool,
+            "ood_train_pool (teacher grades only)": n_pool,
             "dev": len(splits.dev),
             "id_test": len(splits.id_test),
             "ood_test": len(splits.ood_test),
