@@ -8,6 +8,7 @@ pool and the BLAS/OpenMP pools through the environment (:func:`thread_env`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -94,7 +95,16 @@ def latency_requests(sizes: tuple[int, ...] = SIZES) -> dict[int, tuple[str, lis
 def prepare_st_models(student: Path, work: Path, max_length: int) -> Path:
     """A writable copy of ``student`` with ST's ONNX export and its dynamic-quantized export in ``onnx/``."""
     target = work / "st_student"
-    if (target / ST_ONNX_FILE).is_file() and (target / ST_ONNX_INT8_FILE).is_file():
+    # The copy is reused only for the same student weights: a stale copy would compare ST on
+    # another model (same shapes, so only the quality rows and the same-weights check would show it).
+    source = hashlib.sha256((student / "model.safetensors").read_bytes()).hexdigest()
+    marker = target / "darl_source_sha256.txt"
+    if (
+        (target / ST_ONNX_FILE).is_file()
+        and (target / ST_ONNX_INT8_FILE).is_file()
+        and marker.is_file()
+        and marker.read_text().strip() == source
+    ):
         return target
     import logging
 
@@ -110,6 +120,7 @@ def prepare_st_models(student: Path, work: Path, max_length: int) -> Path:
     model = CrossEncoder(str(target), backend="onnx", device="cpu", max_length=max_length)
     model.save_pretrained(str(target))
     export_dynamic_quantized_onnx_model(model, "avx512_vnni", str(target))
+    marker.write_text(source + "\n")
     return target
 
 
