@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from darl_lite.calibration import fit_temperature
 from darl_lite.datasets import Splits
 from darl_lite.distill.dasa import random_selection, select_augmentation
 from darl_lite.distill.graded_loss import graded_loss
@@ -47,7 +48,6 @@ PROBE_ARMS: dict[str, tuple[str, Augmentation]] = {
     "graded-random": ("graded", "random"),
     "graded-dasa": ("graded", "dasa"),
 }
-_TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(4.0), 61))
 
 
 @dataclass(frozen=True)
@@ -179,19 +179,6 @@ def train_probe(
         weight=head.weight.detach().numpy().astype(np.float32),
         bias=head.bias.detach().numpy().astype(np.float32),
     )
-
-
-def fit_temperature(logits: NDArray[np.float32], grades: NDArray[np.int64]) -> float:
-    """The temperature in [0.25, 4] (log grid) that minimises the negative log-likelihood."""
-    best, best_nll = 1.0, np.inf
-    rows = np.arange(len(grades))
-    for t in _TEMPERATURES:
-        z = logits / t
-        z = z - z.max(axis=1, keepdims=True)
-        nll = float(-(z[rows, grades] - np.log(np.exp(z).sum(axis=1))).mean())
-        if nll < best_nll:
-            best, best_nll = float(t), nll
-    return best
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from darl_lite.bundle import ROLE_TOKENIZER, Bundle, model_role, ood_role, write_bundle
+from darl_lite.calibration import fit_temperature
 from darl_lite.errors import DarlLiteError, InputError
 from darl_lite.export.onnx_export import export_onnx
 from darl_lite.export.parity import ParityReport, ParityThresholds, check_parity, parity_report, worst_pairs
@@ -66,36 +67,6 @@ class ExportConfig:
     thresholds: ParityThresholds = field(default_factory=ParityThresholds)
     allow_parity_failure: bool = False  # recorded in the manifest when used
     threads: int = 0
-
-
-def fit_temperature(logits: NDArray[np.floating], grades: NDArray[np.integer]) -> float:
-    """The temperature T minimising the negative log-likelihood of softmax(logits / T).
-
-    A one-dimensional problem: golden-section search over log T in [log 0.05, log 20].
-    """
-    z = np.asarray(logits, np.float64)
-    y = np.asarray(grades)
-    if len(z) == 0:
-        raise InputError("cannot fit a temperature on zero labelled pairs")
-
-    def nll(log_t: float) -> float:
-        p = softmax(z, float(np.exp(log_t)))
-        return float(-np.mean(np.log(p[np.arange(len(y)), y] + 1e-12)))
-
-    lo, hi = np.log(0.05), np.log(20.0)
-    ratio = (np.sqrt(5) - 1) / 2
-    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = nll(a), nll(b)
-    for _ in range(60):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - ratio * (hi - lo)
-            fa = nll(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + ratio * (hi - lo)
-            fb = nll(b)
-    return float(np.exp((lo + hi) / 2))
 
 
 def _sample(pairs: Sequence[Pair], n: int, seed: int = 0) -> list[Pair]:
