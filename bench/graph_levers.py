@@ -31,13 +31,6 @@ from typing import Any
 
 import numpy as np
 
-HEAD_NODES = [
-    "/bert/pooler/dense/Gemm",
-    "/classifier/Gemm",
-    "/bert/pooler/dense/Gemm_MatMul",
-    "/classifier/Gemm_MatMul",
-]
-
 
 def _quantize(src: Path, dst: Path, exclude: Sequence[str], op_types: Sequence[str]) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -66,10 +59,16 @@ def build_variants(bundle: Path, work: Path, num_heads: int) -> dict[str, Path]:
     optimize_model(
         str(fp32), model_type="bert", num_heads=num_heads, hidden_size=int(export["hidden_size"])
     ).save_model_to_file(str(fused))
-    exclude = [*HEAD_NODES, *shipped_exclusions]
+    import onnx
+
+    from darl_lite.export.quantize import head_nodes
+
+    # onnxruntime rewrites a Gemm into "<name>_MatMul" before applying exclusions: name both.
+    head = [n for name in head_nodes(onnx.load(str(fp32))) for n in (name, f"{name}_MatMul")]
+    exclude = [*head, *shipped_exclusions]
     return {
         "shipped": bundle / "model_int8.onnx",
-        "all_int8": _quantize(fp32, work / "all_int8.onnx", HEAD_NODES, ("MatMul", "Gather")),
+        "all_int8": _quantize(fp32, work / "all_int8.onnx", head, ("MatMul", "Gather")),
         "fused_int8": _quantize(fused, work / "fused_int8.onnx", exclude, ("MatMul", "Gather")),
         "fused_int8_attention": _quantize(
             fused, work / "fused_int8_attention.onnx", exclude, ("MatMul", "Gather", "Attention")
@@ -77,17 +76,6 @@ def build_variants(bundle: Path, work: Path, num_heads: int) -> dict[str, Path]:
         "fp32": fp32,
         "fused_fp32": fused,
     }
-
-
-def _feeds(tokenizer: Any, pairs: Sequence[Any]) -> dict[str, np.ndarray]:
-    enc = tokenizer.encode_batch([(p.query, p.item) for p in pairs])
-    width = max(len(e.ids) for e in enc)
-    ids = np.zeros((len(enc), width), np.int64)
-    types, mask = np.zeros_like(ids), np.zeros_like(ids)
-    for r, e in enumerate(enc):
-        k = len(e.ids)
-        ids[r, :k], types[r, :k], mask[r, :k] = e.ids, e.type_ids, 1
-    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
 
 
 def _session(path: Path, threads: int, spinning: bool = True) -> Any:
@@ -123,23 +111,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--num-heads", type=int, default=12, help="attention heads (MiniLM-L6: 12)")
     args = parser.parse_args(argv)
 
-    from tokenizers import Tokenizer
-
+    from bench.common import RawSession
     from darl_lite.datasets import load_dbpedia
 
     splits = load_dbpedia()
-    tokenizer = Tokenizer.from_file(str(args.bundle / "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(int(json.loads((args.bundle / "manifest.json").read_text())["max_length"]))
-    by_query: dict[str, list[Any]] = defaultdict(list)
+    raw = RawSession(args.bundle, args.threads)  # the runtime's tokenizer and batch plan
+    by_query: dict[str, list[str]] = defaultdict(list)
     for pair in splits.id_test:
-        by_query[pair.query].append(pair)
+        by_query[pair.query].append(pair.item)
     query = max(by_query, key=lambda q: len(by_query[q]))
     items = (by_query[query] * (args.items // len(by_query[query]) + 1))[: args.items]
-    items.sort(key=lambda p: len(tokenizer.encode(p.query, p.item).ids))  # the runtime's length order
-    batches = [_feeds(tokenizer, items[i : i + 32]) for i in range(0, len(items), 32)]
+    batches = raw.batches(query, items)
     dev = list(splits.dev[:2000])
-    dev_feeds = [_feeds(tokenizer, dev[i : i + 64]) for i in range(0, len(dev), 64)]
+    dev_feeds = []
+    for start in range(0, len(dev), 64):
+        encodings = raw.helper.tokenizer.encode_batch([(p.query, p.item) for p in dev[start : start + 64]])
+        dev_feeds.append(raw.helper._feeds(encodings, max(len(e.ids) for e in encodings)))
 
     report: dict[str, Any] = {"query": query, "items": len(items), "threads": args.threads, "graphs": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -44,6 +44,7 @@ from darl_lite.distill.llm_teacher import (
     summary,
     tune_probe,
 )
+from darl_lite.distill.teachers import HFTeacher
 from darl_lite.errors import InputError
 from darl_lite.teacher_file import write_teacher_outputs
 from darl_lite.types import Pair
@@ -55,20 +56,10 @@ DEFAULT_LAYERS: tuple[int, ...] = (12, 18, -1)
 TEACHER_NAME = "Qwen2.5-Coder-0.5B-Instruct + DaRL linear probe (graded loss, DASA)"
 
 
-def load_llm(model_dir: str | os.PathLike[str], threads: int | None = None) -> tuple[Any, Any]:
-    """The LLM as a 3-grade sequence classifier (its own head unused) and its tokenizer, fp32, eval."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    folder = local_model_dir(model_dir, "teacher LLM")
-    if threads:
-        torch.set_num_threads(threads)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=3, dtype=torch.float32)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        )
-    return model.eval(), tokenizer
+def load_llm(model_dir: str | os.PathLike[str]) -> tuple[Any, Any]:
+    """The LLM (fp32, eval, pad id resolved as for any LLM teacher) and its tokenizer; its head is unused."""
+    teacher = HFTeacher.from_pretrained(model_dir, kind="llm", dtype=torch.float32)
+    return teacher.model, teacher.tokenizer
 
 
 class ProbeTeacher:
