@@ -40,6 +40,7 @@ from darl_lite.types import Pair
 logger = logging.getLogger(__name__)
 
 N_GRADES = 3
+_HEAD_HINT = "pass the .npz head that `darl-lite distill teacher` wrote (e.g. teacher_llm_head.npz)"
 Augmentation = Literal["none", "random", "dasa"]
 #: Arms of the probe ablation: name -> (loss, augmentation).
 PROBE_ARMS: dict[str, tuple[str, Augmentation]] = {
@@ -116,9 +117,9 @@ class ProbeHead:
         try:
             data = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise InputError(f"{path} is not a probe head file: {exc}") from exc
+            raise InputError(f"{path} is not a probe head file: {exc}; {_HEAD_HINT}") from exc
         if not isinstance(data, np.lib.npyio.NpzFile):
-            raise InputError(f"{path} is not a probe head file: expected an .npz archive")
+            raise InputError(f"{path} is not a probe head file: expected an .npz archive; {_HEAD_HINT}")
         try:
             with data:
                 return cls(
@@ -130,7 +131,7 @@ class ProbeHead:
                     temperature=float(data["temperature"]),
                 )
         except (KeyError, ValueError) as exc:
-            raise InputError(f"{path} is not a probe head file: {exc}") from exc
+            raise InputError(f"{path} is not a probe head file: {exc}; {_HEAD_HINT}") from exc
 
 
 def _standardiser(x: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
@@ -192,13 +193,19 @@ class FeatureTable:
     def build(cls, features: Mapping[int, NDArray[np.float32]], pairs: Sequence[Pair]) -> FeatureTable:
         n = {len(v) for v in features.values()}
         if n != {len(pairs)}:
-            raise InputError(f"features have {sorted(n)} rows but there are {len(pairs)} pairs")
+            raise InputError(
+                f"features have {sorted(n)} rows but there are {len(pairs)} pairs; pass the pairs the "
+                "features were cached for, in the same order (llm_features.distinct_pairs)"
+            )
         return cls(features, {pair.key: i for i, pair in enumerate(pairs)})
 
     def rows(self, pairs: Sequence[Pair]) -> NDArray[np.int64]:
         missing = [p for p in pairs if p.key not in self.row_of]
         if missing:
-            raise InputError(f"{len(missing)} pairs have no cached features, e.g. {missing[0].key!r}")
+            raise InputError(
+                f"{len(missing)} pairs have no cached features, e.g. {missing[0].key!r}; cache features "
+                "for every pair of the splits (llm_features.cache_features over distinct_pairs(splits))"
+            )
         return np.fromiter((self.row_of[p.key] for p in pairs), np.int64, len(pairs))
 
     def of(self, layer: int, pairs: Sequence[Pair]) -> NDArray[np.float32]:

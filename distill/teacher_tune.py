@@ -86,7 +86,10 @@ class ProbeTeacher:
         self.max_length, self.batch_size = max_length, batch_size
         n_states = int(model.config.num_hidden_layers) + 1
         if not -n_states <= head.layer < n_states:
-            raise InputError(f"the head reads layer {head.layer}; this model has {n_states} hidden states")
+            raise InputError(
+                f"the head reads layer {head.layer}; this model has {n_states} hidden states. Load the "
+                "LLM the head was trained on (its sha256 is in the teacher file's provenance)"
+            )
         self._layer = head.layer % n_states
 
     @classmethod
