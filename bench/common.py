@@ -31,8 +31,6 @@ CONTENDERS: dict[str, tuple[str, str]] = {
     "darl_int8": ("darl-lite runtime int8", "int8"),
     "darl_fp32": ("darl-lite runtime fp32", "fp32"),
     "raw_int8": ("raw onnxruntime session, int8 graph, pre-tokenised (floor)", "int8"),
-    "darl_int8_nospin": ("prototype: darl-lite int8, onnxruntime spinning off", "int8"),
-    "darl_int8_tuned": ("prototype: darl-lite int8, spinning off + float32 OOD", "int8"),
     "st_torch": ("sentence-transformers CrossEncoder, torch fp32", "fp32"),
     "st_onnx": ("sentence-transformers CrossEncoder, ONNX backend fp32", "fp32"),
     "st_onnx_int8": ("sentence-transformers CrossEncoder, ONNX dynamic-quantized (avx512_vnni)", "int8"),
@@ -173,8 +171,6 @@ class ContenderFactory:
             return Scorer.load(self.bundle, precision="fp32", session=session, batch_size=BATCH_SIZE)
         if name == "raw_int8":
             return RawSession(self.bundle, threads)
-        if name in ("darl_int8_nospin", "darl_int8_tuned"):
-            return _prototype(self.bundle, threads, float32_ood=name == "darl_int8_tuned")
         if self.st_dir is None:
             raise RuntimeError("sentence-transformers contenders need --student (DARL_BENCH_ST_DIR)")
         from sentence_transformers import CrossEncoder
@@ -195,53 +191,10 @@ class ContenderFactory:
         )
 
 
-def _prototype(bundle: Path, threads: int, *, float32_ood: bool) -> Any:
-    """The shipped int8 scorer with the runtime changes suggested in docs/bench-results.md applied
-    from outside (the runtime itself is untouched): onnxruntime's intra-op pool does not spin after
-    a run, and optionally the OOD score runs in float32 with its constant term cached."""
-    import onnxruntime as ort
-
-    from darl_lite import Scorer, SessionConfig
-    from darl_lite.bundle import model_role
-
-    scorer = Scorer.load(
-        bundle, precision="int8", session=SessionConfig(intra_op_threads=threads), batch_size=BATCH_SIZE
-    )
-    options = SessionConfig(intra_op_threads=threads).session_options()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    scorer.model.session = ort.InferenceSession(
-        str(scorer.bundle.path_of(model_role("int8"))), options, providers=["CPUExecutionProvider"]
-    )
-    if float32_ood:
-        scorer.detector = Float32Mahalanobis(scorer.detector)  # type: ignore[assignment]
-    return scorer
-
-
-class Float32Mahalanobis:
-    """Prototype of a cheaper OOD score: float32 operands and ``m^T P m`` computed once at load."""
-
-    def __init__(self, detector: Any) -> None:
-        import numpy as np
-
-        self.precision = detector.precision.astype(np.float32)
-        self.means_t = np.ascontiguousarray(detector.means.T.astype(np.float32))
-        quad = np.einsum("cd,dk,ck->c", detector.means, detector.precision, detector.means)
-        self.quad_m = quad.astype(np.float32)
-
-    def score(self, features: Any) -> Any:
-        import numpy as np
-
-        x = np.asarray(features, np.float32)
-        xp = x @ self.precision
-        d = np.einsum("nd,nd->n", xp, x)[:, None] - 2.0 * (xp @ self.means_t) + self.quad_m
-        return np.maximum(d, 0.0).min(axis=1).astype(np.float64)
-
-
 class RawSession:
     """The int8 graph in a bare onnxruntime session plus the bundle's tokenizer (used only to prepare)."""
 
     def __init__(self, bundle_dir: Path, threads: int) -> None:
-        import onnxruntime as ort
 
         from darl_lite import SessionConfig
         from darl_lite.bundle import load_bundle, model_role
@@ -255,25 +208,14 @@ class RawSession:
             max_length=bundle.max_length,
             session=config,
         )
-        self.session = ort.InferenceSession(
-            str(bundle.path_of(model_role("int8"))),
-            config.session_options(),
-            providers=["CPUExecutionProvider"],
-        )
+        # The runtime's own session options (threads, disabled rewrites): the floor is the same
+        # graph in the same kind of session, minus everything around it.
+        self.session = config.create_session(bundle.path_of(model_role("int8")))
         self.output_names = self.helper.output_names
 
     def batches(self, query: str, items: list[str]) -> list[dict[str, Any]]:
-        """The runtime's batch plan (sorted by token length, 32 a batch, padded per batch), prebuilt."""
-        import numpy as np
-
-        encodings = self.helper.tokenizer.encode_batch([(query, item) for item in items])
-        lengths = np.asarray([len(e.ids) for e in encodings])
-        order = np.argsort(lengths, kind="stable")
-        feeds = []
-        for start in range(0, len(items), BATCH_SIZE):
-            index = order[start : start + BATCH_SIZE]
-            feeds.append(self.helper._feeds([encodings[i] for i in index], int(lengths[index].max())))
-        return feeds
+        """The runtime's own batch plan (sorted by token length, 32 a batch, padded per batch), prebuilt."""
+        return [feeds for _, feeds in self.helper.plan([query] * len(items), items).batches]
 
 
 def _raw_call(raw: RawSession, query: str, items: list[str]) -> Call:

@@ -124,9 +124,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     batches = raw.batches(query, items)
     dev = list(splits.dev[:2000])
     dev_feeds = []
-    for start in range(0, len(dev), 64):
-        encodings = raw.helper.tokenizer.encode_batch([(p.query, p.item) for p in dev[start : start + 64]])
-        dev_feeds.append(raw.helper._feeds(encodings, max(len(e.ids) for e in encodings)))
+    plan = raw.helper.plan([p.query for p in dev], [p.item for p in dev])
+    dev_index = np.concatenate([index for index, _ in plan.batches])
+    dev_feeds = [feeds for _, feeds in plan.batches]
 
     report: dict[str, Any] = {"query": query, "items": len(items), "threads": args.threads, "graphs": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         logits: dict[str, np.ndarray] = {}
         for name, path in variants.items():
             session = _session(path, args.threads)
-            logits[name] = np.concatenate([session.run(["logits"], f)[0] for f in dev_feeds])
+            logits[name] = np.empty((len(dev), raw.helper.n_grades or 3), np.float32)
+            logits[name][dev_index] = np.concatenate([session.run(["logits"], f)[0] for f in dev_feeds])
             seconds = _median_seconds(lambda s=session: [s.run(None, f) for f in batches], args.reps)
             report["graphs"][name] = {"median_ms": round(seconds * 1e3, 2)}
         for name, entry in report["graphs"].items():

@@ -3,13 +3,14 @@
     python -m bench.profile_score --bundle B --out profile.json [--items 100] [--threads 2]
 
 1. ``stages``: the steps of ``Scorer.score`` re-run one by one with ``time.perf_counter`` splits
-   (validate, character cap, tokenise, lengths and sort, build feeds, ``session.run``, scatter,
-   softmax, OOD score, routing and notes, result objects), median over ``--reps`` calls, beside a
-   real ``scorer.score`` call and the raw session on the same batches.
+   (validate; the batch plan: character cap, tokenise, sort, pad; ``session.run``; scatter; softmax;
+   the numpy OOD score, for bundles without it in the graph; routing and notes; result objects),
+   median over ``--reps`` calls, beside a real ``scorer.score`` call and the raw session on the
+   same batches.
 2. ``cprofile``: the top functions of ``--reps`` real calls by own time.
-3. ``alternatives``: measured prototypes of cheaper steps (never applied to the runtime): feeds built
-   with numpy instead of a per-row loop, result objects from ``tolist()``, the OOD score in float32,
-   and the whole call at other batch sizes.
+3. ``alternatives``: measured prototypes of other choices (never applied to the runtime): the OOD
+   score in numpy float64/float32, tokenising idle vs right after a run, spinning off, and the
+   whole call at other batch sizes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import itertools
 import json
 import pstats
 import statistics
@@ -30,7 +30,7 @@ import onnxruntime as ort
 from bench.common import latency_requests
 from darl_lite import Scorer, SessionConfig
 from darl_lite.bundle import model_role
-from darl_lite.scorer import PairScore, _check_items, _check_text, softmax
+from darl_lite.scorer import ScoredArrays, _check_items, _check_text, softmax
 
 
 def _median(fn, reps: int) -> float:
@@ -58,39 +58,31 @@ def stage_split(scorer: Scorer, query: str, items: list[str], reps: int) -> dict
         _check_items(items, "items")
         queries, its = [query] * n, list(items)
         t = tick("validate", t)
-        cap = model._char_cap
-        cut = np.fromiter((len(q) > cap or len(x) > cap for q, x in zip(queries, its, strict=True)), bool, n)
-        t = tick("char_cap", t)
-        encodings = model._encode(queries, its)
-        t = tick("tokenise", t)
-        lengths = np.fromiter((len(e.ids) for e in encodings), np.int64, n)
-        truncated = cut | np.fromiter((len(e.overflowing) > 0 for e in encodings), bool, n)
-        order = np.argsort(lengths, kind="stable")
-        t = tick("lengths_sort", t)
-        feeds_s = run_s = scatter_s = 0.0
+        plan = model.plan(queries, its)
+        t = tick("tokenise_sort_pad", t)
+        run_s = scatter_s = 0.0
         logits = pooled = None
-        for start in range(0, n, model.batch_size):
-            a = time.perf_counter()
-            index = order[start : start + model.batch_size]
-            feeds = model._feeds([encodings[i] for i in index], int(lengths[index].max()))
+        ood = np.empty(n, np.float32) if model.has_ood_output else None
+        for index, feeds in plan.batches:
             b = time.perf_counter()
-            bl, bp = model.session.run(model.output_names, feeds)
+            batch = model.session.run(model.output_names, feeds)
             c = time.perf_counter()
             if logits is None:
-                logits = np.empty((n, bl.shape[1]), np.float32)
-                pooled = np.empty((n, bp.shape[1]), np.float32)
-            logits[index] = bl
-            pooled[index] = bp
+                logits = np.empty((n, batch[0].shape[1]), np.float32)
+                pooled = np.empty((n, batch[1].shape[1]), np.float32)
+            logits[index] = batch[0]
+            pooled[index] = batch[1]
+            if ood is not None:
+                ood[index] = batch[2]
             d = time.perf_counter()
-            feeds_s, run_s, scatter_s = feeds_s + b - a, run_s + c - b, scatter_s + d - c
-        stages.setdefault("feeds", []).append(feeds_s)
+            run_s, scatter_s = run_s + c - b, scatter_s + d - c
         stages.setdefault("session_run", []).append(run_s)
         stages.setdefault("scatter", []).append(scatter_s)
         t = time.perf_counter()
         student = softmax(logits, scorer.temperature)
         t = tick("softmax", t)
-        ood = scorer.detector.score(pooled)
-        t = tick("ood_score", t)
+        ood = ood.astype(np.float64) if ood is not None else scorer.detector.score(pooled)
+        t = tick("ood_score (numpy; ~0 when in the graph)", t)
         decision = scorer.routing.decide(student, ood)
         notes = [""] * n
         for i in np.flatnonzero(decision.candidate & ~decision.routed):
@@ -98,97 +90,27 @@ def stage_split(scorer: Scorer, query: str, items: list[str], reps: int) -> dict
         for i in np.flatnonzero(decision.routed):
             notes[i] = "no fallback configured: student answer kept"
         t = tick("routing_notes", t)
-        probs = student.copy()
-        expected = probs @ scorer.gains
-        grades = probs.argmax(axis=1)
-        [
-            PairScore(
-                probabilities=tuple(float(p) for p in probs[i]),
-                expected_relevance=float(expected[i]),
-                grade=int(grades[i]),
-                ood_score=float(ood[i]),
-                routed=bool(decision.routed[i]),
-                source="student",
-                truncated=bool(truncated[i]),
-                note=notes[i],
-            )
-            for i in range(n)
-        ]
+        scored = ScoredArrays(
+            probabilities=student,
+            student_probabilities=student,
+            logits=logits,
+            ood_scores=ood,
+            candidate=decision.candidate,
+            routed=decision.routed,
+            from_llm=np.zeros(n, bool),
+            truncated=plan.truncated,
+            notes=notes,
+        )
+        scorer._to_results(scored)
         tick("result_objects", t)
         if rep == 0:  # warm-up
             stages.clear()
     return {k: statistics.median(v) for k, v in stages.items()}
 
 
-def fast_feeds(encodings: list, width: int, pad_id: int, input_names: list[str]) -> dict[str, np.ndarray]:
-    """Prototype: feeds from flat arrays and a length mask instead of a per-row Python loop."""
-    lengths = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
-    mask = np.arange(width)[None, :] < lengths[:, None]
-    ids = np.full(mask.shape, pad_id, np.int64)
-    ids[mask] = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int64, lengths.sum())
-    types = np.zeros(mask.shape, np.int64)
-    types[mask] = np.fromiter(
-        itertools.chain.from_iterable(e.type_ids for e in encodings), np.int64, lengths.sum()
-    )
-    arrays = {"input_ids": ids, "attention_mask": mask.astype(np.int64), "token_type_ids": types}
-    return {name: arrays[name] for name in input_names}
-
-
-def fast_results(probs, expected, grades, ood, routed, from_llm, truncated, notes) -> list[PairScore]:
-    """Prototype: one ``tolist()`` per array, then plain zips (no numpy scalar per field)."""
-    return [
-        PairScore(tuple(p), e, g, o, r, "llm" if f else "student", t, note)
-        for p, e, g, o, r, f, t, note in zip(
-            probs.tolist(),
-            expected.tolist(),
-            grades.tolist(),
-            ood.tolist(),
-            routed.tolist(),
-            from_llm.tolist(),
-            truncated.tolist(),
-            notes,
-            strict=True,
-        )
-    ]
-
-
 def alternatives(bundle: Path, scorer: Scorer, query: str, items: list[str], threads: int, reps: int) -> dict:
     model, n = scorer.model, len(items)
-    encodings = model._encode([query] * n, items)
-    lengths = np.asarray([len(e.ids) for e in encodings])
-    order = np.argsort(lengths, kind="stable")
-    batches = [
-        (
-            [encodings[i] for i in order[s : s + model.batch_size]],
-            int(lengths[order[s : s + model.batch_size]].max()),
-        )
-        for s in range(0, n, model.batch_size)
-    ]
-    for encs, width in batches:  # the prototype builds the same arrays
-        ref, new = model._feeds(encs, width), fast_feeds(encs, width, model.pad_id, model.input_names)
-        assert all(np.array_equal(ref[k], new[k]) for k in ref)
-    out: dict[str, float | dict] = {
-        "feeds_loop_s": _median(lambda: [model._feeds(e, w) for e, w in batches], reps),
-        "feeds_numpy_s": _median(
-            lambda: [fast_feeds(e, w, model.pad_id, model.input_names) for e, w in batches], reps
-        ),
-    }
-    scored = scorer.score_arrays([query] * n, items)
-    out["results_current_s"] = _median(lambda: scorer._to_results(scored), reps)
-    probs = scored.probabilities
-    out["results_tolist_s"] = _median(
-        lambda: fast_results(
-            probs,
-            probs @ scorer.gains,
-            probs.argmax(axis=1),
-            scored.ood_scores,
-            scored.routed,
-            scored.from_llm,
-            scored.truncated,
-            scored.notes,
-        ),
-        reps,
-    )
+    out: dict[str, float | dict] = {}
     pooled = model.run([query] * n, items).pooled
     det = scorer.detector
     p32, m32 = det.precision.astype(np.float32), det.means.astype(np.float32)
@@ -198,8 +120,7 @@ def alternatives(bundle: Path, scorer: Scorer, query: str, items: list[str], thr
         xp = pooled @ p32
         return np.maximum(np.einsum("nd,nd->n", xp, pooled)[:, None] - 2 * xp @ m32.T + quad_m, 0).min(1)
 
-    encs, width = batches[0]
-    feeds = model._feeds(encs, width)
+    feeds = model.plan([query] * n, items).batches[0][1]
 
     def after_run(fn) -> float:
         """``fn`` timed right after a ``session.run``, as in a real call (the ORT pool still spinning)."""
@@ -212,7 +133,7 @@ def alternatives(bundle: Path, scorer: Scorer, query: str, items: list[str], thr
         return statistics.median(times)
 
     def tokenise() -> None:
-        model._encode([query] * n, items)
+        model.encoder.encode([query] * n, items)
 
     out["ood_float64_idle_s"] = _median(lambda: det.score(pooled), reps)
     out["ood_float64_after_run_s"] = after_run(lambda: det.score(pooled))
@@ -227,7 +148,10 @@ def alternatives(bundle: Path, scorer: Scorer, query: str, items: list[str], thr
     options = SessionConfig(intra_op_threads=threads).session_options()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     no_spin.model.session = ort.InferenceSession(
-        str(no_spin.bundle.path_of(model_role("int8"))), options, providers=["CPUExecutionProvider"]
+        str(no_spin.bundle.path_of(model_role("int8"))),
+        options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(SessionConfig().disabled_optimizers),
     )
     out["score_spinning_on_s"] = _median(lambda: scorer.score(query, items), reps)
     out["score_spinning_off_s"] = _median(lambda: no_spin.score(query, items), reps)

@@ -211,14 +211,6 @@ def build(out: Path) -> dict:
             "fraction_of_int8_peak": d["fraction_of_peak"],
             "int8_peak_gops": gemm.get("2", {}).get("peak_gops", {}).get("int8"),
         }
-        for proto in ("darl_int8_nospin", "darl_int8_tuned"):
-            p = index.get((proto, 2, 100))
-            if p:
-                headline[proto] = {
-                    "pairs_per_s": p["pairs_per_s"],
-                    "x_vs_st_torch": p["x_vs_st_torch"],
-                    "overhead_vs_raw": p["overhead_vs_raw"],
-                }
     targets: dict[str, Any] = {}
     if headline:
         targets["speedup_vs_st_torch"] = (headline["x_vs_st_torch"], headline["x_vs_st_torch"] >= 3.0)
@@ -286,16 +278,6 @@ def render(r: dict) -> str:
             f"| fraction of the measured int8 GEMM peak ({_fmt(h['int8_peak_gops'], '.0f')} GOPS) | "
             f"{100 * h['fraction_of_int8_peak']:.1f}% |",
         ]
-        for proto, label in (
-            ("darl_int8_nospin", "prototype: spinning off"),
-            ("darl_int8_tuned", "prototype: spinning off + float32 OOD"),
-        ):
-            if proto in h:
-                x = h[proto]
-                lines.append(
-                    f"| {label}: throughput, × ST torch, overhead | {x['pairs_per_s']:.0f} pairs/s, "
-                    f"{x['x_vs_st_torch']:.2f}×, {100 * x['overhead_vs_raw']:+.1f}% |"
-                )
         lines.append("")
     if r["targets"]:
         lines += ["## Targets", "", "| target | measured | met? |", "|---|---|---|"]

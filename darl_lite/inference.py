@@ -1,24 +1,26 @@
-"""Tokenise pairs and run the ONNX graph: grade logits and pooled representation in one pass.
+"""Tokenise pairs and run the ONNX graph: grade logits, pooled representation and (for bundles
+that carry it) the OOD score in one pass.
 
-This is the only place the runtime touches onnxruntime and tokenizers. Pairs are tokenised once,
-sorted by length and cut into bounded batches, each padded only to its own longest pair, so short
-pairs never pay for long ones and memory stays flat however many pairs arrive.
+This is the only place the runtime touches onnxruntime (tokenizers: :mod:`darl_lite.pair_tokens`).
+Pairs are tokenised once, sorted by length and cut into bounded batches, each padded only to its
+own longest pair, so short pairs never pay for long ones and memory stays flat however many pairs
+arrive.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
-from tokenizers import Tokenizer
 
 from darl_lite.errors import BundleError, InputError
+from darl_lite.pair_tokens import PairEncoder, TokenRows
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +30,8 @@ logger = logging.getLogger(__name__)
 CHARS_PER_TOKEN_CAP = 100
 #: Pairs tokenised and run per chunk of a long call (bounds the memory of one call).
 CHUNK_PAIRS = 1024
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+#: Graph output with the OOD score, when the export wrote it into the graph (darl_lite.export.ood_graph).
+OOD_OUTPUT = "ood_distance"
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,19 @@ class SessionConfig:
     """onnxruntime session options, explicit so a search node controls its own CPU budget.
 
     ``intra_op_threads=0`` lets onnxruntime pick (one per physical core).
+
+    ``disabled_optimizers`` names onnxruntime graph rewrites to skip. ``SkipLayerNormFusion`` is
+    skipped by default: on the benchmark CPU (onnxruntime 1.32) its fused kernel cost about nine
+    times a plain LayerNormalization plus Add on the same 14-token batches, and skipping it made the
+    int8 graph 1.15x faster at 2 threads and 1.2x at 1 thread (docs/benchmarks.md, "Graph levers").
+    Pass ``()`` to let onnxruntime apply every rewrite.
     """
 
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     graph_optimization: str = "all"  # "disable" | "basic" | "extended" | "all"
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    disabled_optimizers: tuple[str, ...] = ("SkipLayerNormFusion",)
 
     def session_options(self) -> ort.SessionOptions:
         levels = {
@@ -64,6 +74,28 @@ class SessionConfig:
         options.log_severity_level = 3
         return options
 
+    def create_session(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        optimized_model_path: str | os.PathLike[str] | None = None,
+    ) -> ort.InferenceSession:
+        """An onnxruntime session on ``model_path`` with these options (raises onnxruntime's errors).
+
+        ``optimized_model_path`` also writes the graph as onnxruntime rewrote it, to see what runs.
+        """
+        if isinstance(self.disabled_optimizers, str):
+            raise InputError("disabled_optimizers must be a tuple of optimizer names, not one string")
+        options = self.session_options()
+        if optimized_model_path is not None:
+            options.optimized_model_filepath = str(optimized_model_path)
+        return ort.InferenceSession(
+            str(model_path),
+            sess_options=options,
+            providers=list(self.providers),
+            disabled_optimizers=list(self.disabled_optimizers),
+        )
+
 
 @dataclass(frozen=True)
 class ModelOutputs:
@@ -73,6 +105,17 @@ class ModelOutputs:
     pooled: NDArray[np.float32]  # (N, hidden)
     truncated: NDArray[np.bool_]  # (N,)
     n_tokens: NDArray[np.int64]  # (N,) tokens after truncation
+    #: (N,) the graph's own OOD score (OOD_OUTPUT), or None for a graph without it
+    ood: NDArray[np.float32] | None = None
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """One chunk of pairs made ready for onnxruntime: ``batches`` of (pair indices, feeds)."""
+
+    lengths: NDArray[np.int64]  # (N,) tokens per pair after truncation
+    truncated: NDArray[np.bool_]  # (N,)
+    batches: list[tuple[NDArray[np.intp], dict[str, NDArray[np.int64]]]]
 
 
 class RelevanceModel:
@@ -101,17 +144,11 @@ class RelevanceModel:
                 f"onnxruntime providers {unknown} are not available here; available: {sorted(available)}"
             )
         try:
-            self.session = ort.InferenceSession(
-                str(model_path), sess_options=config.session_options(), providers=list(config.providers)
-            )
+            self.session = config.create_session(model_path)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise BundleError(f"onnxruntime cannot load {model_path}: {exc}") from exc
-        try:
-            self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        except Exception as exc:
-            raise BundleError(f"tokenizers cannot load {tokenizer_path}: {exc}") from exc
-        self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(max_length, strategy="longest_first")
+        self.encoder = PairEncoder(tokenizer_path, max_length)
+        self.tokenizer = self.encoder.tokenizer  # truncating at max_length, as the pairs are
         self.max_length = max_length
         self.batch_size = batch_size
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -124,6 +161,10 @@ class RelevanceModel:
             if name not in outputs:
                 raise BundleError(f"{model_path} has no output {name!r}; it has {outputs}")
         self.output_names = [logits_name, pooled_name]
+        # A bundle whose export wrote the OOD score into the graph: fetch it from the same pass.
+        self.has_ood_output = OOD_OUTPUT in outputs
+        if self.has_ood_output:
+            self.output_names.append(OOD_OUTPUT)
         self.n_grades = self._static_dim(logits_name)
         pad = self.tokenizer.token_to_id("[PAD]")
         if pad is None:
@@ -148,6 +189,7 @@ class RelevanceModel:
                 np.zeros((0, 0), np.float32),
                 np.zeros(0, bool),
                 np.zeros(0, np.int64),
+                np.zeros(0, np.float32) if self.has_ood_output else None,
             )
         if n <= CHUNK_PAIRS:
             return self._run_chunk(queries, items)
@@ -162,9 +204,11 @@ class RelevanceModel:
             np.concatenate([p.pooled for p in parts]),
             np.concatenate([p.truncated for p in parts]),
             np.concatenate([p.n_tokens for p in parts]),
+            np.concatenate([p.ood for p in parts if p.ood is not None]) if self.has_ood_output else None,
         )
 
-    def _run_chunk(self, queries: Sequence[str], items: Sequence[str]) -> ModelOutputs:
+    def plan(self, queries: Sequence[str], items: Sequence[str]) -> BatchPlan:
+        """Everything before onnxruntime for one chunk: cap, tokenise, sort by length, pad per batch."""
         n = len(queries)
         cap = self._char_cap
         cut = np.fromiter(
@@ -173,47 +217,44 @@ class RelevanceModel:
         if cut.any():
             queries = [q[:cap] for q in queries]
             items = [t[:cap] for t in items]
-        encodings = self._encode(queries, items)
-        lengths = np.fromiter((len(e.ids) for e in encodings), np.int64, n)
-        truncated = cut | np.fromiter((len(e.overflowing) > 0 for e in encodings), bool, n)
-
+        rows = self.encoder.encode(queries, items)
+        lengths = rows.lengths
         order = np.argsort(lengths, kind="stable")
-        logits: NDArray[np.float32] | None = None
-        pooled: NDArray[np.float32] | None = None
+        batches = []
         for start in range(0, n, self.batch_size):
             index = order[start : start + self.batch_size]
-            feeds = self._feeds([encodings[i] for i in index], int(lengths[index].max()))
-            batch_logits, batch_pooled = self.session.run(self.output_names, feeds)
+            batches.append((index, self._feeds(rows, index)))
+        return BatchPlan(lengths, cut | rows.truncated, batches)
+
+    def _run_chunk(self, queries: Sequence[str], items: Sequence[str]) -> ModelOutputs:
+        n = len(queries)
+        plan = self.plan(queries, items)
+        logits: NDArray[np.float32] | None = None
+        pooled: NDArray[np.float32] | None = None
+        ood = np.empty(n, np.float32) if self.has_ood_output else None
+        for index, feeds in plan.batches:
+            batch = self.session.run(self.output_names, feeds)
             if logits is None or pooled is None:
-                logits = np.empty((n, batch_logits.shape[1]), np.float32)
-                pooled = np.empty((n, batch_pooled.shape[1]), np.float32)
-            logits[index] = batch_logits
-            pooled[index] = batch_pooled
+                logits = np.empty((n, batch[0].shape[1]), np.float32)
+                pooled = np.empty((n, batch[1].shape[1]), np.float32)
+            logits[index] = batch[0]
+            pooled[index] = batch[1]
+            if ood is not None:
+                ood[index] = batch[2]
         assert logits is not None and pooled is not None  # n > 0 guarantees one batch
-        return ModelOutputs(logits, pooled, truncated, lengths)
+        return ModelOutputs(logits, pooled, plan.truncated, plan.lengths, ood)
 
-    def _encode(self, queries: Sequence[str], items: Sequence[str]) -> list:
-        try:
-            return self.tokenizer.encode_batch(list(zip(queries, items, strict=True)))
-        except TypeError:
-            # A lone surrogate (e.g. from a bad UTF-16 decode) cannot cross into Rust: score the
-            # text with U+FFFD in its place, as a UTF-8 decoder with errors="replace" would.
-            return self.tokenizer.encode_batch(
-                [
-                    (_LONE_SURROGATE.sub("\ufffd", q), _LONE_SURROGATE.sub("\ufffd", t))
-                    for q, t in zip(queries, items, strict=True)
-                ]
-            )
-
-    def _feeds(self, encodings: list, width: int) -> dict[str, NDArray[np.int64]]:
-        rows = len(encodings)
-        ids = np.full((rows, width), self.pad_id, np.int64)
-        types = np.zeros((rows, width), np.int64)
-        mask = np.zeros((rows, width), np.int64)
-        for r, enc in enumerate(encodings):
-            k = len(enc.ids)
-            ids[r, :k] = enc.ids
-            types[r, :k] = enc.type_ids
-            mask[r, :k] = 1
-        arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    def _feeds(self, rows: TokenRows, index: NDArray[np.intp]) -> dict[str, NDArray[np.int64]]:
+        """Right-padded id, mask and type arrays for the pairs ``index``, filled without a per-row loop."""
+        lengths = rows.lengths[index]
+        width = int(lengths.max())
+        mask = np.arange(width)[None, :] < lengths[:, None]
+        total = int(lengths.sum())
+        ids = np.full(mask.shape, self.pad_id, np.int64)
+        ids[mask] = np.fromiter(chain.from_iterable(rows.ids[i] for i in index), np.int64, total)
+        arrays = {"input_ids": ids, "attention_mask": mask.astype(np.int64)}
+        if "token_type_ids" in self.input_names:
+            types = np.zeros(mask.shape, np.int64)
+            types[mask] = np.fromiter(chain.from_iterable(rows.type_ids[i] for i in index), np.int64, total)
+            arrays["token_type_ids"] = types
         return {name: arrays[name] for name in self.input_names}

@@ -69,6 +69,11 @@ class MahalanobisDetector:
         object.__setattr__(self, "_whiten32", np.ascontiguousarray(whiten, dtype=np.float32))
         object.__setattr__(self, "_means_z32", ((self.means - center) @ whiten).astype(np.float32))
 
+    def float32_whitening(self) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float32]]:
+        """``(c, L, (M - c) L)`` in float32: the centre, the whitening and the whitened class means
+        :meth:`score` uses (the export writes the same maths into the graph)."""
+        return self._center32.copy(), self._whiten32.copy(), self._means_z32.copy()
+
     def score(self, features: NDArray[np.floating]) -> FloatArray:
         """Squared Mahalanobis distance to the nearest class mean, one per row (higher = more OOD).
 

@@ -181,7 +181,10 @@ class Scorer:
         """Score aligned pairs and return arrays; inputs are trusted to be validated strings."""
         outputs = self.model.run(queries, items)
         student = softmax(outputs.logits, self.temperature)
-        ood = self.detector.score(outputs.pooled) if len(queries) else np.zeros(0)
+        if outputs.ood is not None:  # computed in the graph's own pass (export wrote the nodes)
+            ood = outputs.ood.astype(np.float64)
+        else:
+            ood = self.detector.score(outputs.pooled) if len(queries) else np.zeros(0)
         decision = self.routing.decide(student, ood)
         n = len(queries)
         notes = [""] * n
@@ -246,19 +249,20 @@ class Scorer:
     def _to_results(self, scored: ScoredArrays) -> list[PairScore]:
         probs = scored.probabilities
         expected = np.einsum("nc,c->n", probs, self.gains, optimize=False)  # no BLAS pool: see ood.py
-        grades = probs.argmax(axis=1)
+        # One tolist() per array, then plain zips: no numpy scalar is built per field.
         return [
-            PairScore(
-                probabilities=tuple(float(p) for p in probs[i]),
-                expected_relevance=float(expected[i]),
-                grade=int(grades[i]),
-                ood_score=float(scored.ood_scores[i]),
-                routed=bool(scored.routed[i]),
-                source="llm" if scored.from_llm[i] else "student",
-                truncated=bool(scored.truncated[i]),
-                note=scored.notes[i],
+            PairScore(tuple(p), e, g, o, r, "llm" if f else "student", t, note)
+            for p, e, g, o, r, f, t, note in zip(
+                probs.tolist(),
+                expected.tolist(),
+                probs.argmax(axis=1).tolist(),
+                scored.ood_scores.tolist(),
+                scored.routed.tolist(),
+                scored.from_llm.tolist(),
+                scored.truncated.tolist(),
+                scored.notes,
+                strict=True,
             )
-            for i in range(len(probs))
         ]
 
 

@@ -22,10 +22,12 @@ from numpy.typing import NDArray
 from darl_lite.bundle import ROLE_TOKENIZER, Bundle, model_role, ood_role, write_bundle
 from darl_lite.calibration import fit_temperature
 from darl_lite.errors import DarlLiteError, InputError
+from darl_lite.export.fuse import FusionInfo, fuse_attention
 from darl_lite.export.onnx_export import export_onnx
+from darl_lite.export.ood_graph import append_ood_distance
 from darl_lite.export.parity import ParityReport, ParityThresholds, check_parity, parity_report, worst_pairs
 from darl_lite.export.quantize import QuantizationInfo, detect_preset, quantize_int8, sensitivity_sweep
-from darl_lite.inference import RelevanceModel, SessionConfig
+from darl_lite.inference import OOD_OUTPUT, RelevanceModel, SessionConfig
 from darl_lite.metrics import expected_calibration_error
 from darl_lite.ood import MahalanobisDetector, threshold_for_coverage
 from darl_lite.routing import error_threshold_for_rate
@@ -37,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 #: How many of the sweep's worst nodes the manifest lists.
 SENSITIVITY_REPORTED = 12
+#: Largest |fused - unfused| fp32 logit accepted from attention fusion (float reassociation only).
+FUSION_TOLERANCE = 1e-3
+#: Largest relative difference of the in-graph OOD score from the numpy detector's.
+OOD_GRAPH_TOLERANCE = 1e-4
 
 
 class ParityError(DarlLiteError):
@@ -67,6 +73,7 @@ class ExportConfig:
     thresholds: ParityThresholds = field(default_factory=ParityThresholds)
     allow_parity_failure: bool = False  # recorded in the manifest when used
     threads: int = 0
+    fuse_attention: bool = True  # see darl_lite.export.fuse
 
 
 def _sample(pairs: Sequence[Pair], n: int, seed: int = 0) -> list[Pair]:
@@ -113,16 +120,6 @@ def build_bundle(
         work = Path(tmp)
         fp32_path, int8_path = work / "model_fp32.onnx", work / "model_int8.onnx"
         export_info = export_onnx(model, tokenizer, fp32_path)
-        preset = detect_preset() if cfg.preset == "auto" else cfg.preset
-        quant_info = quantize_int8(
-            fp32_path,
-            int8_path,
-            preset=preset,
-            per_channel=cfg.per_channel,
-            exclude_nodes=list(cfg.exclude_nodes)
-            if isinstance(cfg.exclude_nodes, tuple)
-            else cfg.exclude_nodes,
-        )
         tokenizer_path = work / "tokenizer.json"
         tokenizer.backend_tokenizer.save(str(tokenizer_path))
 
@@ -130,10 +127,46 @@ def build_bundle(
             return RelevanceModel(path, tokenizer_path, max_length=cfg.max_length, session=session)
 
         fp32 = load(fp32_path)
-
-        # Parity gate on held-out pairs.
         pq, pi = [p.query for p in parity_pairs], [p.item for p in parity_pairs]
         fp32_logits = fp32.run(pq, pi).logits
+
+        # Fuse attention for onnxruntime's CPU kernels; kept only if it answers as the fp32 graph does.
+        source = fp32_path
+        fusion = FusionInfo(False, "turned off (ExportConfig.fuse_attention=False)")
+        if cfg.fuse_attention:
+            fused_path = work / "model_fused_fp32.onnx"
+            fusion = fuse_attention(
+                fp32_path,
+                fused_path,
+                model_type=str(getattr(model.config, "model_type", "")),
+                num_heads=int(getattr(model.config, "num_attention_heads", 0) or 0),
+                hidden_size=int(getattr(model.config, "hidden_size", 0) or 0),
+            )
+            if fusion.applied:
+                diff = float(np.max(np.abs(load(fused_path).run(pq, pi).logits - fp32_logits)))
+                if diff <= FUSION_TOLERANCE:
+                    source = fused_path
+                    fusion = replace(fusion, max_abs_diff_logits=diff)
+                else:
+                    logger.warning("fused graph moved logits by %.2e; quantizing the unfused graph", diff)
+                    fusion = replace(
+                        fusion,
+                        applied=False,
+                        reason=f"fused logits differ from fp32 by {diff:.2e} > {FUSION_TOLERANCE}",
+                        max_abs_diff_logits=diff,
+                    )
+        preset = detect_preset() if cfg.preset == "auto" else cfg.preset
+        quant_info = quantize_int8(
+            source,
+            int8_path,
+            preset=preset,
+            per_channel=cfg.per_channel,
+            exclude_nodes=list(cfg.exclude_nodes)
+            if isinstance(cfg.exclude_nodes, tuple)
+            else cfg.exclude_nodes,
+        )
+
+        # Parity gate on held-out pairs (int8 against the unfused fp32 graph, the reference).
         graded = all(p.grade is not None for p in parity_pairs)
         grades = np.asarray([p.grade for p in parity_pairs]) if graded else None
         query_ids = [p.query_id or p.query for p in parity_pairs] if graded else None
@@ -150,7 +183,7 @@ def build_bundle(
         search = [_search_step(quant_info, parity, failures)]
         if failures and cfg.exclude_nodes == "auto" and cfg.max_sensitive_exclusions > 0:
             quant_info, found, steps = _exclude_sensitive_nodes(
-                cfg, preset, fp32_path, int8_path, quant_info, dev_pairs, load, gate
+                cfg, preset, source, int8_path, quant_info, dev_pairs, load, gate
             )
             if found is not None:  # None: the sweep found no node to exclude
                 int8, int8_logits, parity, failures = found
@@ -179,20 +212,23 @@ def build_bundle(
         # in-distribution training representations; thresholds from held-out dev pairs.
         ood_files: dict[str, Path] = {}
         ood_thresholds: dict[str, float] = {}
-        for precision, relevance_model in (("int8", int8), ("fp32", fp32)):
+        in_graph: dict[str, float] = {}
+        for precision, relevance_model, graph_path in (("int8", int8, int8_path), ("fp32", fp32, fp32_path)):
             detector = MahalanobisDetector.fit(relevance_model.run(tq, ti).pooled, ty)
             dev_pooled = dev_int8.pooled if precision == "int8" else relevance_model.run(dq, di).pooled
             ood_thresholds[precision] = threshold_for_coverage(detector.score(dev_pooled), cfg.ood_coverage)
             ood_files[precision] = work / f"ood_{precision}.npz"
             detector.save(ood_files[precision])
+            in_graph[precision] = _ood_into_graph(graph_path, detector, dq, di, load)
 
         manifest: dict[str, Any] = {
             "max_length": cfg.max_length,
             "grades": {"names": list(GRADE_NAMES[:n_grades]), "gains": list(GRADE_GAINS[:n_grades])},
             "model": {
                 "input_names": export_info.input_names,
-                "outputs": {"logits": "logits", "pooled": "pooled"},
+                "outputs": {"logits": "logits", "pooled": "pooled", "ood": OOD_OUTPUT},
                 "export": asdict(export_info),
+                "fusion": fusion.to_dict(),
                 "default_precision": "int8",
             },
             "quantization": {
@@ -221,6 +257,7 @@ def build_bundle(
                 "fit_pairs": len(ty),
                 "threshold_pairs": len(dy),
                 "feature_dim": int(export_info.hidden_size),
+                "in_graph": {"output": OOD_OUTPUT, "max_rel_diff_vs_numpy": in_graph},
             },
             "routing": {
                 "rule": "expected_error",
@@ -239,6 +276,28 @@ def build_bundle(
             **{ood_role(precision): path for precision, path in ood_files.items()},
         }
         return write_bundle(out_dir, files, manifest, overwrite=overwrite)
+
+
+def _ood_into_graph(
+    model_path: Path, detector: MahalanobisDetector, queries: list[str], items: list[str], load: Any
+) -> float:
+    """Write the detector into the graph at ``model_path`` and check it end to end on dev pairs.
+
+    Returns the largest relative difference of the graph's OOD output from
+    :meth:`MahalanobisDetector.score` of the same pass's ``pooled`` output.
+    """
+    append_ood_distance(model_path, detector)
+    outputs = load(model_path).run(queries, items)
+    if outputs.ood is None:
+        raise RuntimeError(f"{model_path} was written without its {OOD_OUTPUT!r} output")
+    numpy_scores = detector.score(outputs.pooled)
+    rel = float(np.max(np.abs(outputs.ood - numpy_scores) / np.maximum(np.abs(numpy_scores), 1e-6)))
+    if rel > OOD_GRAPH_TOLERANCE:
+        raise RuntimeError(
+            f"the OOD nodes written into {model_path} differ from the numpy detector by {rel:.2e} "
+            f"(relative) on dev pairs; tolerance {OOD_GRAPH_TOLERANCE}"
+        )
+    return rel
 
 
 def _search_step(info: QuantizationInfo, report: ParityReport, failures: list[str]) -> dict[str, Any]:

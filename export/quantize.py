@@ -55,8 +55,12 @@ Preset = Literal["avx2", "avx512_vnni", "arm64"]
 HEAD_OP_TYPES = frozenset({"MatMul", "Gemm"})
 #: Node types onnxruntime writes for a quantized matrix product.
 _QUANTIZED_OPS = frozenset(
-    {"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulIntegerToFloat"}
+    {"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulIntegerToFloat", "QAttention"}
 )
+#: Quantizable node types that hold a weight: matrix products, embedding tables, and the fused
+#: ``Attention`` of a graph fused by :mod:`darl_lite.export.fuse` (its Q/K/V weight), which
+#: onnxruntime quantizes into ``QAttention``. A type absent from a graph is simply not touched.
+_OP_TYPES = ("MatMul", "Gather", "Attention")
 #: Suffix onnxruntime gives the MatMul it makes from a Gemm (onnx_model.replace_gemm_with_matmul).
 _GEMM_AS_MATMUL = "_MatMul"
 #: Node types walked through between a graph output and the head's projection: shape plumbing and
@@ -99,14 +103,12 @@ class QuantPreset:
 
 PRESETS: dict[str, QuantPreset] = {
     "avx2": QuantPreset(
-        "avx2", True, ("MatMul", "Gather"), "7-bit weights: vpmaddubsw's int16 pair sums cannot saturate"
+        "avx2", True, _OP_TYPES, "7-bit weights: vpmaddubsw's int16 pair sums cannot saturate"
     ),
     "avx512_vnni": QuantPreset(
-        "avx512_vnni", False, ("MatMul", "Gather"), "vpdpbusd accumulates in int32: full 8-bit weights"
+        "avx512_vnni", False, _OP_TYPES, "vpdpbusd accumulates in int32: full 8-bit weights"
     ),
-    "arm64": QuantPreset(
-        "arm64", False, ("MatMul", "Gather"), "sdot accumulates in int32: full 8-bit weights"
-    ),
+    "arm64": QuantPreset("arm64", False, _OP_TYPES, "sdot accumulates in int32: full 8-bit weights"),
 }
 
 
@@ -210,15 +212,15 @@ def _check_excluded_stayed_float(int8_path: Path, excluded: Sequence[str]) -> No
         kept = nodes.get(name) if name in nodes else nodes.get(name + _GEMM_AS_MATMUL)
         floating = (
             kept is not None
-            and kept.op_type in HEAD_OP_TYPES | {"Gather"}
+            and kept.op_type in HEAD_OP_TYPES | {"Gather", "Attention"}
             and _weight_input(kept) in float_weights
         )
         if quantized or not floating:
             raise RuntimeError(
                 f"node {name!r} was to stay fp32, but the int8 graph {int8_path} has "
-                f"{quantized or 'no float MatMul/Gemm/Gather of that name'}: this onnxruntime renames nodes "
-                "in a way darl_lite.export does not know; quantize with exclude_nodes=None or pin "
-                "onnxruntime, and report it"
+                f"{quantized or 'no float MatMul/Gemm/Gather/Attention of that name'}: this onnxruntime "
+                "renames nodes in a way darl_lite.export does not know; quantize with "
+                "exclude_nodes=None or pin onnxruntime, and report it"
             )
 
 
@@ -318,7 +320,9 @@ def _quantize(
         reduce_range=chosen.reduce_range,
         weight_type=QuantType.QInt8,
         nodes_to_exclude=[*excluded, *(n + _GEMM_AS_MATMUL for n in excluded)],
-        extra_options={"MatMulConstBOnly": True},
+        # DefaultTensorType: onnx shape inference cannot type the outputs of fused contrib ops
+        # (Attention); they are float32.
+        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
     )
     _check_excluded_stayed_float(target, excluded)
     return QuantizationInfo(
