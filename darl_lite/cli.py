@@ -159,6 +159,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         allow_parity_failure=args.allow_parity_failure,
         max_sensitive_exclusions=args.max_sensitive_exclusions,
         route_rate=args.route_rate,
+        fuse_attention=not args.no_fuse,
     )
     bundle = build_bundle(
         args.student,
@@ -438,6 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument(
         "--allow-parity-failure", action="store_true", help="write the bundle even if parity fails"
+    )
+    export.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="quantize the plain graph, without onnxruntime's fused attention (see darl_lite.export.fuse)",
     )
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(handler=_cmd_export)
