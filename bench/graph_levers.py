@@ -1,16 +1,21 @@
-"""Which graph and thread levers make the int8 session faster, measured against the shipped graph.
+"""Which graph and session levers make the int8 session faster, measured against the shipped graph.
 
     python -m bench.graph_levers --bundle darl-lite-run/bundle --out bench/results/levers.json
 
-Variants, all built from the bundle's own fp32 graph with the export's options (QInt8,
-per-channel, full range; head kept fp32), timed on the same pre-tokenised requests (one real
-id_test query, 100 items, the runtime's batches of 32) with the same threads, and checked for
-argmax agreement with fp32 on 2,000 dev pairs:
+Variants, all built from the bundle's own fp32 graph with the export's own functions
+(``darl_lite.export.fuse.fuse_attention``, ``darl_lite.export.quantize.quantize_int8`` with the
+bundle's preset and fp32 exclusions), timed on the same pre-tokenised requests (one real id_test
+query, 100 items, the runtime's batches of 32) with the same threads, and checked for argmax
+agreement with fp32 on 2,000 dev pairs:
 
-* ``shipped``: the bundle's int8 graph (the parity search kept some feed-forward nodes fp32);
-* ``all_int8``: every encoder MatMul int8 (what the parity gate refused);
-* ``fused`` / ``fused_int8`` / ``fused_int8_attention``: onnxruntime's transformer optimizer first
-  (Attention, SkipLayerNorm, BiasGelu fusions), then int8 without / with the fused Attention;
+* ``shipped``: the bundle's int8 graph in the runtime's session (fused attention as ``QAttention``,
+  onnxruntime's ``SkipLayerNormFusion`` off);
+* ``shipped, SkipLayerNormFusion on``: the same graph with every onnxruntime rewrite;
+* ``plain int8`` (no attention fusion), in the runtime's session and with every rewrite (the
+  runtime before this study);
+* ``fused, all fusions``: the transformer optimizer's defaults (SkipLayerNormalization, BiasGelu,
+  EmbedLayerNormalization too), then int8 with ``QAttention``, with every rewrite;
+* ``fp32``: the reference;
 * thread layouts on the shipped graph: one session with 2 intra-op threads (the runtime's), the
   same without spinning, and two 1-thread sessions each running half of the batches concurrently.
 
@@ -23,7 +28,6 @@ import argparse
 import json
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,63 +35,64 @@ from typing import Any
 
 import numpy as np
 
-
-def _quantize(src: Path, dst: Path, exclude: Sequence[str], op_types: Sequence[str]) -> Path:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(
-        str(src),
-        str(dst),
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        reduce_range=False,
-        nodes_to_exclude=list(exclude),
-        op_types_to_quantize=list(op_types),
-        extra_options={"DefaultTensorType": 1},  # fused contrib ops defeat shape inference
-    )
-    return dst
+#: The runtime's session rewrites (SessionConfig's default) and onnxruntime's own (all on).
+RUNTIME = ("SkipLayerNormFusion",)
+ALL_REWRITES: tuple[str, ...] = ()
+#: The transformer optimizer's own defaults for BERT, for the "all fusions" variant.
+ALL_FUSIONS = {
+    "enable_attention": True,
+    "enable_skip_layer_norm": True,
+    "enable_bias_skip_layer_norm": True,
+    "enable_bias_gelu": True,
+    "enable_gelu": True,
+    "enable_embed_layer_norm": True,
+}
 
 
-def build_variants(bundle: Path, work: Path, num_heads: int) -> dict[str, Path]:
-    from onnxruntime.transformers.optimizer import optimize_model
+def build_variants(bundle: Path, work: Path, num_heads: int) -> dict[str, tuple[Path, tuple[str, ...]]]:
+    """name -> (graph, onnxruntime rewrites to skip)."""
+    from darl_lite.export.fuse import fuse_attention
+    from darl_lite.export.quantize import quantize_int8
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     fp32 = bundle / "model_fp32.onnx"
-    shipped_exclusions = manifest["quantization"]["excluded_nodes"]
-    export = manifest["model"]["export"]
-    fused = work / "fused_fp32.onnx"
-    optimize_model(
-        str(fp32), model_type="bert", num_heads=num_heads, hidden_size=int(export["hidden_size"])
-    ).save_model_to_file(str(fused))
-    import onnx
+    quant = manifest["quantization"]
+    hidden = int(manifest["model"]["export"]["hidden_size"])
 
-    from darl_lite.export.quantize import head_nodes
+    def int8(source: Path, name: str) -> Path:
+        target = work / f"{name}.onnx"
+        quantize_int8(
+            source, target, preset=quant["preset"], per_channel=quant["per_channel"],
+            exclude_nodes=quant["excluded_nodes"],
+        )  # fmt: skip
+        return target
 
-    # onnxruntime rewrites a Gemm into "<name>_MatMul" before applying exclusions: name both.
-    head = [n for name in head_nodes(onnx.load(str(fp32))) for n in (name, f"{name}_MatMul")]
-    exclude = [*head, *shipped_exclusions]
+    fused_all = work / "fused_all_fp32.onnx"
+    fuse_attention(
+        fp32, fused_all, model_type="bert", num_heads=num_heads, hidden_size=hidden, switches=ALL_FUSIONS
+    )
+    plain = int8(fp32, "plain_int8")
     return {
-        "shipped": bundle / "model_int8.onnx",
-        "all_int8": _quantize(fp32, work / "all_int8.onnx", head, ("MatMul", "Gather")),
-        "fused_int8": _quantize(fused, work / "fused_int8.onnx", exclude, ("MatMul", "Gather")),
-        "fused_int8_attention": _quantize(
-            fused, work / "fused_int8_attention.onnx", exclude, ("MatMul", "Gather", "Attention")
-        ),
-        "fp32": fp32,
-        "fused_fp32": fused,
+        "shipped": (bundle / "model_int8.onnx", RUNTIME),
+        "shipped, SkipLayerNormFusion on": (bundle / "model_int8.onnx", ALL_REWRITES),
+        "plain int8 (no attention fusion)": (plain, RUNTIME),
+        "plain int8, every rewrite (the runtime before)": (plain, ALL_REWRITES),
+        "fused, all fusions, then int8": (int8(fused_all, "fused_all_int8"), ALL_REWRITES),
+        "fp32": (fp32, RUNTIME),
     }
 
 
-def _session(path: Path, threads: int, spinning: bool = True) -> Any:
+def _session(path: Path, threads: int, disabled: Sequence[str] = RUNTIME, spinning: bool = True) -> Any:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    from darl_lite import SessionConfig
+
+    options = SessionConfig(intra_op_threads=threads).session_options()
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled)
+    )
 
 
 def _median_seconds(call: Callable[[], Any], reps: int) -> float:
@@ -111,19 +116,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--num-heads", type=int, default=12, help="attention heads (MiniLM-L6: 12)")
     args = parser.parse_args(argv)
 
-    from bench.common import RawSession
+    from bench.common import RawSession, latency_requests
     from darl_lite.datasets import load_dbpedia
 
     splits = load_dbpedia()
     raw = RawSession(args.bundle, args.threads)  # the runtime's tokenizer and batch plan
-    by_query: dict[str, list[str]] = defaultdict(list)
-    for pair in splits.id_test:
-        by_query[pair.query].append(pair.item)
-    query = max(by_query, key=lambda q: len(by_query[q]))
-    items = (by_query[query] * (args.items // len(by_query[query]) + 1))[: args.items]
+    query, items = latency_requests((args.items,))[args.items]  # the latency suites' request
     batches = raw.batches(query, items)
     dev = list(splits.dev[:2000])
-    dev_feeds = []
     plan = raw.helper.plan([p.query for p in dev], [p.item for p in dev])
     dev_index = np.concatenate([index for index, _ in plan.batches])
     dev_feeds = [feeds for _, feeds in plan.batches]
@@ -132,8 +132,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         variants = build_variants(args.bundle, Path(tmp), args.num_heads)
         logits: dict[str, np.ndarray] = {}
-        for name, path in variants.items():
-            session = _session(path, args.threads)
+        for name, (path, disabled) in variants.items():
+            session = _session(path, args.threads, disabled)
             logits[name] = np.empty((len(dev), raw.helper.n_grades or 3), np.float32)
             logits[name][dev_index] = np.concatenate([session.run(["logits"], f)[0] for f in dev_feeds])
             seconds = _median_seconds(lambda s=session: [s.run(None, f) for f in batches], args.reps)
@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 report["graphs"]["shipped"]["median_ms"] / entry["median_ms"], 3
             )
 
-        shipped = variants["shipped"]
+        shipped = variants["shipped"][0]
         one = _session(shipped, args.threads)
         no_spin = _session(shipped, args.threads, spinning=False)
         singles = [_session(shipped, 1) for _ in range(args.threads)]

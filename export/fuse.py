@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from darl_lite.errors import MissingExtraError
+from darl_lite.errors import InputError, MissingExtraError
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,11 @@ def fuse_attention(
     model_type: str,
     num_heads: int,
     hidden_size: int,
+    switches: Mapping[str, bool] | None = None,
 ) -> FusionInfo:
     """Write ``fp32_path`` with its attention blocks fused to ``fused_path``.
+
+    ``switches`` overrides :data:`FUSION_SWITCHES` (the benchmarks use it to measure the others).
 
     Returns ``applied=False`` (and writes nothing) for a model type the optimizer does not know or
     a graph in which it found no attention block to fuse; the caller then quantizes the unfused graph.
@@ -80,8 +84,11 @@ def fuse_attention(
     except ImportError as exc:  # onnxruntime.transformers needs onnx (export extra)
         raise MissingExtraError.for_module(exc.name or "onnx", "export") from exc
 
+    chosen = dict(FUSION_SWITCHES if switches is None else switches)
     options = FusionOptions("bert")
-    for name, value in FUSION_SWITCHES.items():
+    for name, value in chosen.items():
+        if not hasattr(options, name):
+            raise InputError(f"{name!r} is not a fusion switch of onnxruntime.transformers FusionOptions")
         setattr(options, name, value)
     # opt_level=0: only the python fusions; onnxruntime's own rewrites run at load time on each node,
     # so the file stays portable across CPUs.
@@ -94,11 +101,9 @@ def fuse_attention(
         opt_level=0,
     )
     fused_ops = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
-    if not fused_ops.get("Attention"):
-        return FusionInfo(
-            False, "the optimizer found no attention block to fuse", fused_ops, dict(FUSION_SWITCHES)
-        )
+    if not (fused_ops.get("Attention") or fused_ops.get("MultiHeadAttention")):
+        return FusionInfo(False, "the optimizer found no attention block to fuse", fused_ops, chosen)
     Path(fused_path).parent.mkdir(parents=True, exist_ok=True)
     optimized.save_model_to_file(str(fused_path))
     logger.info("fused %s -> %s: %s", fp32_path, fused_path, fused_ops)
-    return FusionInfo(True, "attention fused for onnxruntime's CPU kernels", fused_ops, dict(FUSION_SWITCHES))
+    return FusionInfo(True, "attention fused for onnxruntime's CPU kernels", fused_ops, chosen)

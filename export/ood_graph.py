@@ -61,7 +61,7 @@ def append_ood_distance(
 
     prefix = "darl_ood/"
     center, whiten, means_z = detector.float32_whitening()
-    constants = {
+    constants: dict[str, np.ndarray] = {
         "center": center,
         "whiten": whiten,
         "means_z": means_z[None, :, :],  # (1, C, D): broadcasts against z (N, 1, D)
