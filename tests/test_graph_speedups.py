@@ -159,3 +159,32 @@ def test_the_runtime_session_skips_the_slow_skip_layer_norm_rewrite(
     assert _op_counts(default)["SkipLayerNormalization"] == 0  # the runtime's default does not
     with pytest.raises(InputError, match="tuple of optimizer names"):
         SessionConfig(disabled_optimizers="SkipLayerNormFusion").create_session(graph)  # type: ignore[arg-type]
+
+
+def test_export_without_fusion_quantizes_the_plain_graph(
+    tiny_student_dir: Path, splits: Splits, tmp_path: Path
+) -> None:
+    from darl_lite.export.build import ExportConfig, build_bundle
+    from darl_lite.export.parity import ParityThresholds
+
+    bundle = build_bundle(
+        tiny_student_dir,
+        tmp_path / "plain",
+        train_pairs=list(splits.train[:300]),
+        dev_pairs=list(splits.dev[:200]),
+        parity_pairs=list(splits.dev[200:400]),
+        config=ExportConfig(
+            max_length=32,
+            fuse_attention=False,
+            thresholds=ParityThresholds(min_argmax_agreement=0.5, min_spearman=0.5, min_ndcg_retention=0.5),
+        ),
+    )
+    fusion = bundle.manifest["model"]["fusion"]
+    assert fusion["applied"] is False and "fuse_attention=False" in fusion["reason"]
+    ops = _op_counts(bundle.path_of(model_role("int8")))
+    assert ops["QAttention"] == 0 and ops["Attention"] == 0
+    assert ops["MatMulInteger"] + ops["DynamicQuantizeMatMul"] > 0
+    # the OOD output is written whether or not attention is fused
+    assert RelevanceModel(
+        bundle.path_of(model_role("int8")), bundle.path_of("tokenizer"), max_length=32
+    ).has_ood_output
