@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_models import VOCAB, WORDS, _tokenizer, bert_tokenizer, decoder_tokenizer
 from tokenizers import Tokenizer, processors
 
 from darl_lite.datasets import Splits
 from darl_lite.distill.backbone import minilm_path
 from darl_lite.pair_tokens import PairEncoder, longest_first
-from tests.tiny_models import VOCAB, WORDS, _tokenizer, bert_tokenizer, decoder_tokenizer
 
 
 def _reference(path: Path, max_length: int, queries: list[str], items: list[str]) -> list:
