@@ -17,7 +17,10 @@ Which fusions, and why each of the others is off (same measurement):
 * ``EmbedLayerNormalization`` off: no faster, and int8 argmax agreement with fp32 was higher without it.
 
 The fused graph must give the fp32 graph's logits (the caller checks on real pairs, see
-``darl_lite.export.build``); graphs the optimizer does not know are left as they are.
+``darl_lite.export.build``); graphs the optimizer does not know are left as they are. The fused
+``Attention`` reads the attention mask as one length per row (onnxruntime's default for BERT), so
+inputs must be right-padded, as the runtime's batches are (and as absolute position embeddings need
+anyway). The raw-mask format measured the same speed and gave identical logits on 2,000 dev pairs.
 """
 
 from __future__ import annotations
