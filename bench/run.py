@@ -111,6 +111,9 @@ def main() -> None:
         machine=_machine(),
         quick=args.quick,
     )
+    # A full run starts a fresh log; a subset of stages adds to the log of the run it completes.
+    with log.open("w" if set(stages) == set(STAGES) else "a") as handle:
+        handle.write(f"# {started} {run_info['command']}\n")
     timings: dict[str, float] = run_info.setdefault("stage_seconds", {})
     st_dir = args.work.resolve() / "st_student" if args.student else None
 
