@@ -169,7 +169,8 @@ def cache_features(
                     model, tokenizer, chunk, resolved, template, max_length, batch_size, pad_id, bar
                 )
                 tmp = path.with_name(path.name + ".tmp.npz")
-                np.savez(tmp, **{f"layer_{layer}": arrays[layer] for layer in resolved})
+                named: dict[str, Any] = {f"layer_{layer}": arrays[layer] for layer in resolved}
+                np.savez(tmp, **named)
                 os.replace(tmp, path)
             with np.load(path, allow_pickle=False) as data:
                 for layer in resolved:
