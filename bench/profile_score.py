@@ -3,7 +3,8 @@
     python -m bench.profile_score --bundle B --out profile.json [--items 100] [--threads 2]
 
 1. ``stages``: the steps of ``Scorer.score`` re-run one by one with ``time.perf_counter`` splits
-   (validate; the batch plan: character cap, tokenise, sort, pad; ``session.run``; scatter; softmax;
+   (validate; the batch plan: character cap, tokenise, sort, pad; the ``session.run`` calls with the
+   scatter of their outputs; softmax;
    the numpy OOD score, for bundles without it in the graph; routing and notes; result objects),
    median over ``--reps`` calls, beside a real ``scorer.score`` call and the raw session on the
    same batches.
@@ -60,24 +61,9 @@ def stage_split(scorer: Scorer, query: str, items: list[str], reps: int) -> dict
         t = tick("validate", t)
         plan = model.plan(queries, its)
         t = tick("tokenise_sort_pad", t)
-        run_s = scatter_s = 0.0
-        logits = pooled = None
-        ood = np.empty(n, np.float32) if model.has_ood_output else None
-        for index, feeds in plan.batches:
-            b = time.perf_counter()
-            batch = model.session.run(model.output_names, feeds)
-            c = time.perf_counter()
-            if logits is None:
-                logits = np.empty((n, batch[0].shape[1]), np.float32)
-                pooled = np.empty((n, batch[1].shape[1]), np.float32)
-            logits[index] = batch[0]
-            pooled[index] = batch[1]
-            if ood is not None:
-                ood[index] = batch[2]
-            d = time.perf_counter()
-            run_s, scatter_s = run_s + c - b, scatter_s + d - c
-        stages.setdefault("session_run", []).append(run_s)
-        stages.setdefault("scatter", []).append(scatter_s)
+        outputs = model.run_plan(plan)
+        logits, pooled, ood = outputs.logits, outputs.pooled, outputs.ood
+        tick("session_runs_and_scatter", t)
         t = time.perf_counter()
         student = softmax(logits, scorer.temperature)
         t = tick("softmax", t)

@@ -227,8 +227,11 @@ class RelevanceModel:
         return BatchPlan(lengths, cut | rows.truncated, batches)
 
     def _run_chunk(self, queries: Sequence[str], items: Sequence[str]) -> ModelOutputs:
-        n = len(queries)
-        plan = self.plan(queries, items)
+        return self.run_plan(self.plan(queries, items))
+
+    def run_plan(self, plan: BatchPlan) -> ModelOutputs:
+        """Run a :meth:`plan`'s batches through onnxruntime; outputs in the plan's input order."""
+        n = len(plan.lengths)
         logits: NDArray[np.float32] | None = None
         pooled: NDArray[np.float32] | None = None
         ood = np.empty(n, np.float32) if self.has_ood_output else None
