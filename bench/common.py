@@ -195,7 +195,6 @@ class RawSession:
     """The int8 graph in a bare onnxruntime session plus the bundle's tokenizer (used only to prepare)."""
 
     def __init__(self, bundle_dir: Path, threads: int) -> None:
-
         from darl_lite import SessionConfig
         from darl_lite.bundle import load_bundle, model_role
         from darl_lite.inference import RelevanceModel
@@ -208,9 +207,9 @@ class RawSession:
             max_length=bundle.max_length,
             session=config,
         )
-        # The runtime's own session options (threads, disabled rewrites): the floor is the same
-        # graph in the same kind of session, minus everything around it.
-        self.session = config.create_session(bundle.path_of(model_role("int8")))
+        # The runtime's own session (threads, disabled rewrites): the floor is the same graph in the
+        # same kind of session, minus everything around it.
+        self.session = self.helper.session
         self.output_names = self.helper.output_names
 
     def batches(self, query: str, items: list[str]) -> list[dict[str, Any]]:

@@ -92,7 +92,10 @@ def fuse_attention(
     options = FusionOptions("bert")
     for name, value in chosen.items():
         if not hasattr(options, name):
-            raise InputError(f"{name!r} is not a fusion switch of onnxruntime.transformers FusionOptions")
+            raise InputError(
+                f"{name!r} is not a fusion switch of onnxruntime.transformers FusionOptions; "
+                f"known here: {sorted(FUSION_SWITCHES)} (see FusionOptions for the rest)"
+            )
         setattr(options, name, value)
     # opt_level=0: only the python fusions; onnxruntime's own rewrites run at load time on each node,
     # so the file stays portable across CPUs.

@@ -47,17 +47,29 @@ def append_ood_distance(
     graph = model.graph
     outputs = {o.name for o in graph.output}
     if pooled_name not in outputs:
-        raise InputError(f"{path} has no output {pooled_name!r} to score; it has {sorted(outputs)}")
+        raise InputError(
+            f"{path} has no output {pooled_name!r} to score; it has {sorted(outputs)}. Pass the graph "
+            "written by darl_lite.export.export_onnx, or name its representation with pooled_name"
+        )
     if output_name in outputs:
-        raise InputError(f"{path} already has an output {output_name!r}")
+        raise InputError(
+            f"{path} already has an output {output_name!r}: its OOD nodes were written before. "
+            "Append to the graph as exported (before this step), or pass another output_name"
+        )
     dim = detector.means.shape[1]
     pooled_shape = next(o for o in graph.output if o.name == pooled_name).type.tensor_type.shape.dim
     width = pooled_shape[-1].dim_value if pooled_shape else 0
     if width and width != dim:
-        raise InputError(f"{path}: {pooled_name!r} has {width} features, the detector {dim}")
+        raise InputError(
+            f"{path}: {pooled_name!r} has {width} features, the detector {dim}; fit the detector on "
+            "this graph's own representations"
+        )
     opset = _opset(model)
     if opset < 13:
-        raise InputError(f"{path} uses opset {opset}; the OOD nodes need opset >= 13")
+        raise InputError(
+            f"{path} uses opset {opset}; the OOD nodes need opset >= 13. Re-export the student with "
+            "darl_lite.export.export_onnx (opset 17)"
+        )
 
     prefix = "darl_ood/"
     center, whiten, means_z = detector.float32_whitening()
