@@ -52,18 +52,25 @@ class RouteBudget:
             self._seen -= seen
             self._routed -= routed
 
-    def acquire(self, n: int, wanted: int) -> int:
+    def acquire(self, n: int, wanted: int, *, all_or_nothing: bool = False, reserve: int = 0) -> int:
         """Record a call of ``n`` pairs that wants to route ``wanted``; return how many it may route.
 
-        The answer and the bookkeeping happen under one lock, so concurrent calls never overspend.
+        ``all_or_nothing`` grants ``wanted`` or 0 (a whole ranked list goes to one model or stays
+        with the other). ``reserve`` keeps that many pairs of the allowance unspent, for requests
+        of higher expected gain (whole shifted lists) that may follow. The answer and the
+        bookkeeping happen under one lock, so concurrent calls never overspend.
         """
         if n < 0 or not 0 <= wanted <= n:
             raise InputError(f"need 0 <= wanted <= n, got wanted={wanted}, n={n}")
+        if reserve < 0:
+            raise InputError(f"reserve must be >= 0 pairs, got {reserve}")
         with self._lock:
             now = self._clock()
             self._expire(now)
-            allowed = math.floor(self.max_fraction * (self._seen + n) + 1e-9) - self._routed
+            allowed = math.floor(self.max_fraction * (self._seen + n) + 1e-9) - self._routed - reserve
             granted = max(0, min(wanted, allowed))
+            if all_or_nothing and granted < wanted:
+                granted = 0
             if n:
                 self._events.append((now, n, granted))
                 self._seen += n

@@ -13,13 +13,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from darl_lite.atomic import replace_dir, staging_dir, write_json_durably
 from darl_lite.errors import BundleError
 
 BUNDLE_FORMAT = "darl-lite-bundle"
@@ -128,8 +128,7 @@ def write_bundle(
         raise BundleError(f"bundle file names must be distinct and not {MANIFEST_NAME}: {names}")
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staging_dir(target.parent, prefix=f".{target.name}.") as staging:
         entries: dict[str, dict[str, Any]] = {}
         for role, src in files.items():
             dest = staging / Path(src).name
@@ -143,22 +142,8 @@ def write_bundle(
             **{k: v for k, v in manifest.items() if k not in {"format", "format_version", "files"}},
             "files": entries,
         }
-        with (staging / MANIFEST_NAME).open("w", encoding="utf-8") as handle:
-            json.dump(full, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            staging.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_json_durably(staging / MANIFEST_NAME, full, indent=2, sort_keys=False)
+        replace_dir(staging, target)
     return load_bundle(target)
 
 

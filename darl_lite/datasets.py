@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import gzip
-import io
 import json
 import logging
 import math
@@ -24,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from darl_lite.errors import DataError, InputError, MissingExtraError
+from darl_lite.lines import decoded_lines, jsonl_objects, open_binary
 from darl_lite.types import GRADE_NAMES, Pair
 
 logger = logging.getLogger(__name__)
@@ -304,42 +303,10 @@ def _missing_columns_error(path: Path, found: Iterable[str], columns: _Columns) 
     )
 
 
-def _open_binary(path: Path) -> io.BufferedIOBase:
-    try:
-        if path.name.lower().endswith(".gz"):
-            return gzip.open(path, "rb")
-        return open(path, "rb")
-    except OSError as exc:
-        raise DataError(f"{path}: cannot open: {exc}") from exc
-
-
-def _decoded_lines(handle: io.BufferedIOBase, path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based physical line number, text with its newline), decoding UTF-8 line by line."""
-    number = 0
-    while True:
-        try:
-            raw = handle.readline()
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DataError(f"{path}: unreadable after line {number} (corrupt gzip?): {exc}") from exc
-        if not raw:
-            return
-        number += 1
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(
-                f"{path}, line {number}: invalid UTF-8 at byte {exc.start} of the line; "
-                "save the file as UTF-8"
-            ) from exc
-        if number == 1:
-            text = text.removeprefix("\ufeff")
-        yield number, text
-
-
 def _read_csv(path: Path, columns: _Columns) -> list[Pair]:
     pairs: list[Pair] = []
-    with _open_binary(path) as handle:
-        lines = _decoded_lines(handle, path)
+    with open_binary(path) as handle:
+        lines = decoded_lines(handle, path)
         current = [0]
 
         def texts() -> Iterator[str]:
@@ -375,20 +342,7 @@ def _read_csv(path: Path, columns: _Columns) -> list[Pair]:
 
 
 def _read_jsonl(path: Path, columns: _Columns) -> list[Pair]:
-    pairs: list[Pair] = []
-    with _open_binary(path) as handle:
-        for number, text in _decoded_lines(handle, path):
-            if not text.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON: {exc.msg} at column {exc.colno}") from exc
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            pairs.append(_row_to_pair(record, where, columns))
-    return pairs
+    return [_row_to_pair(record, where, columns) for where, record in jsonl_objects(path)]
 
 
 def _read_parquet(path: Path, columns: _Columns) -> list[Pair]:

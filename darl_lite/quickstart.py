@@ -10,25 +10,24 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from darl_lite.errors import MissingExtraError
-from darl_lite.metrics import auroc, fpr_at_tpr, grading_report, spearman
+from darl_lite.metrics import auroc, fpr_at_tpr, grading_report, macro_f1, per_class_f1, spearman
 from darl_lite.route_curve import route_curve
+from darl_lite.teacher_file import SHIPPED_TEACHER, shipped_teacher_path
 from darl_lite.types import GRADE_GAINS, Pair
 
 logger = logging.getLogger(__name__)
 
-#: The shipped teacher outputs for every pair of the shipped data, with provenance beside them.
-SHIPPED_TEACHER = "teacher_llm.jsonl.gz"
 
-
-def shipped_teacher_path() -> Path:
-    return Path(str(resources.files("darl_lite") / "data" / SHIPPED_TEACHER))
+#: The name of the shift kind fitted on the shipped unlabeled pool (ood_train's questions).
+POOL_KIND = "ood_train pool"
+#: Window allowance per-pair routing leaves for whole shifted lists (about one list of the data).
+LIST_RESERVE_PAIRS = 200
 
 
 @dataclass(frozen=True)
@@ -59,10 +58,63 @@ def _require_training_extras() -> None:
             raise MissingExtraError.for_module(module, extra)
 
 
-def _evaluate(probs: np.ndarray, pairs: Sequence[Pair]) -> dict[str, float]:
+def fit_pool_shift(bundle: Any, splits: Any, teacher: Any, *, threads: int = 0) -> Any:
+    """Fit the ``ood_train pool`` kind of shift into ``bundle`` (rewritten in place, re-hashed).
+
+    Detector: training queries vs the pool's queries (the pool's grades are never read). Evidence:
+    dev (in-distribution) and ood_dev (shifted) pairs with the teacher's grades for them.
+    """
+    from darl_lite.cascade_fit import fit_shift_kind, graded_evidence, write_with_shift_routing
+    from darl_lite.inference import SessionConfig
+    from darl_lite.scorer import Scorer
+    from darl_lite.shift_routing import ShiftRouting
+
+    scorer = Scorer(bundle, session=SessionConfig(intra_op_threads=threads))
+    graded = [*splits.dev, *splits.ood_dev]
+    evidence = graded_evidence(
+        scorer,
+        [p.query for p in graded],
+        [p.item for p in graded],
+        [p.grade for p in graded],
+        teacher.predict_proba(graded),
+    )
+    reference = sorted({p.query for p in splits.train})
+    kind = fit_shift_kind(
+        POOL_KIND,
+        reference_queries=reference,
+        pool_queries=sorted({p.query for p in splits.ood_train}),
+        evidence=evidence,
+        evidence_is_kind=np.r_[np.zeros(len(splits.dev), bool), np.ones(len(splits.ood_dev), bool)],
+        error_threshold=scorer.routing.error_threshold,
+    )
+    logger.info("shift kind %r: %s", kind.name, kind.evidence.get("decision"))
+    shift = ShiftRouting((kind,), tuple(reference), list_reserve_pairs=LIST_RESERVE_PAIRS)
+    return write_with_shift_routing(bundle, shift, str(bundle.directory), overwrite=True)
+
+
+def _served_grades(scorer: Any, queries: Sequence[str], logits: np.ndarray) -> np.ndarray:
+    """The student's grade decisions as a node serves them (its kind's prior correction applied)."""
+    if scorer.shift is None:
+        return np.asarray(logits).argmax(axis=1)
+    return scorer.shift.adjust_logits(logits, scorer.shift.assign(queries)).argmax(axis=1)
+
+
+def _evaluate(
+    probs: np.ndarray, pairs: Sequence[Pair], decided: np.ndarray | None = None
+) -> dict[str, float]:
+    """Grading metrics; ``decided`` (grade decisions, e.g. after a prior correction) replaces the
+    probabilities' argmax for macro-F1, accuracy and F1 of "strong"; NDCG@10 and ECE read ``probs``."""
     grades = np.asarray([p.grade for p in pairs])
     query_ids = [p.query_id or p.query for p in pairs]
-    return grading_report(probs, grades, query_ids, gains=GRADE_GAINS[: probs.shape[1]])
+    report = grading_report(probs, grades, query_ids, gains=GRADE_GAINS[: probs.shape[1]])
+    predicted = probs.argmax(axis=1) if decided is None else np.asarray(decided)
+    n_classes = probs.shape[1]
+    return {
+        **report,
+        "macro_f1": macro_f1(grades, predicted, n_classes),
+        "accuracy": float(np.mean(predicted == grades)),
+        "f1_strong": float(per_class_f1(grades, predicted, n_classes)[-1]),
+    }
 
 
 def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
@@ -136,6 +188,9 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
         config=ExportConfig(max_length=cfg.max_length, threads=cfg.threads),
         overwrite=True,
     )
+    # 2b. Distribution-aware routing: a domain classifier (training queries vs the unlabeled pool's),
+    # the student's prior correction and the routing decisions, all from dev + ood_dev evidence.
+    bundle = fit_pool_shift(bundle, splits, teacher, threads=cfg.threads)
     timing["export"] = time.perf_counter() - started
 
     # 3. Score both test sets: fp32 and int8 students, and the int8 cascade routing to the teacher.
@@ -152,7 +207,7 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
     majority = int(np.bincount([p.grade for p in train if p.grade is not None]).argmax())
     baseline: dict[str, dict[str, float]] = {}
     metrics: dict[str, dict[str, dict[str, float]]] = {
-        m: {} for m in ("teacher", "student_fp32", "student_int8", "cascade")
+        m: {} for m in ("teacher", "student_fp32", "student_int8_uncorrected", "student_int8", "cascade")
     }
     ood_scores: dict[str, np.ndarray] = {}
     route_rate: dict[str, float] = {}
@@ -167,8 +222,12 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
         baseline[split] = _evaluate(constant, pairs)
         metrics["teacher"][split] = _evaluate(teacher.predict_proba(pairs), pairs)
         metrics["student_fp32"][split] = _evaluate(scored_fp32.student_probabilities, pairs)
-        metrics["student_int8"][split] = _evaluate(scored.student_probabilities, pairs)
-        metrics["cascade"][split] = _evaluate(scored.probabilities, pairs)
+        metrics["student_int8_uncorrected"][split] = _evaluate(
+            softmax(scored.logits, cascade.temperature), pairs
+        )
+        served = _served_grades(cascade, queries, scored.logits)  # the student's decisions on a node
+        metrics["student_int8"][split] = _evaluate(scored.student_probabilities, pairs, served)
+        metrics["cascade"][split] = _evaluate(scored.probabilities, pairs, scored.grades)
         curves[split] = route_curve(
             scored.student_probabilities,
             teacher.predict_proba(pairs),
@@ -181,6 +240,16 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
         route_rate[split] = float(scored.from_llm.mean())
         parity_logits["fp32"].append(scored_fp32.logits)
         parity_logits["int8"].append(scored.logits)
+    from darl_lite.mixed_stream import mixed_report
+
+    mixed = mixed_report(
+        cascade,
+        test_sets["id_test"],
+        test_sets["ood_test"],
+        teacher.predict_proba(test_sets["id_test"]),
+        teacher.predict_proba(test_sets["ood_test"]),
+        shares=(0.0, 0.10, 0.30, 1.0),
+    )
     timing["score"] = time.perf_counter() - started
 
     fp32_logits, int8_logits = (np.concatenate(parity_logits[k]) for k in ("fp32", "int8"))
@@ -200,10 +269,13 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
             "auroc": auroc(ood_scores["id_test"], ood_scores["ood_test"]),
             "fpr_at_95_tpr": fpr_at_tpr(ood_scores["id_test"], ood_scores["ood_test"], tpr=0.95),
         },
+        "shift_detection": mixed["detection"],
         "routing": {
             "route_rate": route_rate,
             "policy": asdict(cascade.routing),
+            "shift": bundle.manifest["routing"].get("shift"),
             "curve": curves,
+            "mixed": mixed["streams"],
         },
         "parity": {
             "argmax_agreement": float(np.mean(fp32_logits.argmax(1) == int8_logits.argmax(1))),
@@ -272,5 +344,18 @@ def render_summary(report: dict[str, Any]) -> str:
         ),
         f"Bundle: `{report['bundle']}`.",
         "",
+        *render_mixed(report),
     ]
     return "\n".join(lines)
+
+
+def render_mixed(report: dict[str, Any]) -> list[str]:
+    """The shift-detection line and the mixed-traffic table of the summary."""
+    from darl_lite.mixed_stream import detection_line, mixed_table
+
+    return [
+        detection_line(report.get("shift_detection", {})),
+        "",
+        *mixed_table(report["routing"].get("mixed", [])),
+        "",
+    ]

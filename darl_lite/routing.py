@@ -8,9 +8,12 @@ Two rules, named in the manifest's ``routing.rule``:
     teacher would change the answer; the OOD score does not (the most out-of-distribution pairs are
     mostly irrelevant items that student and teacher both grade 0, so routing them buys nothing). The
     OOD score still comes with every result, for monitoring.
-``threshold_excess`` (the first rule; still the default of a bare ``RoutingPolicy(...)``, so code
-    that builds a policy from thresholds keeps its behaviour)
+``threshold_excess`` (the first rule)
     urgency = the larger relative excess over ``ood_threshold`` or below ``margin_threshold``.
+
+A policy built by hand takes the bundle's rule, ``expected_error``, unless it sets
+``margin_threshold`` or ``ood_threshold`` (the thresholds of ``threshold_excess``, which it then
+takes, so ``RoutingPolicy(margin_threshold=1.0)`` keeps its meaning); name ``rule`` to choose.
 
 A pair is a candidate when its urgency is > 0. ``max_route_fraction`` caps the share of one call's
 pairs that may be sent; when more pairs are candidates, the most urgent go and the rest keep the
@@ -40,11 +43,20 @@ class RoutingPolicy:
     ood_threshold: float = float("inf")
     margin_threshold: float = 0.0
     max_route_fraction: float = 1.0
-    rule: RoutingRule = "threshold_excess"
+    #: ``"auto"`` resolves at construction (see the module docstring); the field then holds the rule.
+    rule: RoutingRule | Literal["auto"] = "auto"
     #: Route when the student's probability of being wrong (1 - max p) exceeds this.
     error_threshold: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.rule == "auto":
+            excess = self.margin_threshold != 0.0 or self.ood_threshold != float("inf")
+            if excess and self.error_threshold != 1.0:
+                raise InputError(
+                    "RoutingPolicy got error_threshold (rule expected_error) and margin/ood thresholds "
+                    "(rule threshold_excess); pass rule=... to say which rule to use"
+                )
+            object.__setattr__(self, "rule", "threshold_excess" if excess else "expected_error")
         if not 0.0 <= self.max_route_fraction <= 1.0:
             raise InputError(f"max_route_fraction must lie in [0, 1], got {self.max_route_fraction}")
         if not 0.0 <= self.margin_threshold <= 1.0:

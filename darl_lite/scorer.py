@@ -24,11 +24,16 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from darl_lite.budget import RouteBudget
+from darl_lite.cascade import NOTE_CALL_BUDGET, NOTE_LIST_BUDGET, NOTE_WINDOW_BUDGET, plan_call
 from darl_lite.bundle import ROLE_TOKENIZER, Bundle, load_bundle, model_role, ood_role
+from darl_lite.calibration import softmax
 from darl_lite.errors import BundleError, InputError
 from darl_lite.inference import RelevanceModel, SessionConfig
 from darl_lite.ood import MahalanobisDetector
-from darl_lite.routing import RoutingPolicy, most_urgent
+from darl_lite.ood_scale import OODScale
+from darl_lite.ranking import RankedItem, check_top_k, rank_results
+from darl_lite.routing import RoutingPolicy
+from darl_lite.shift_routing import ROLE_SHIFT, ShiftRouting
 
 logger = logging.getLogger(__name__)
 
@@ -42,17 +47,17 @@ class PairScore:
 
     probabilities: tuple[float, ...]  # one per grade, in the bundle's grade order
     expected_relevance: float  # sum of probability × gain
-    grade: int  # the most probable grade
+    grade: int  # the most probable grade (for a shifted query: after its kind's prior correction)
     ood_score: float  # higher = further from the training distribution
     routed: bool  # the pair was sent to the LLM (or would be, with no fallback)
     source: Literal["student", "llm"]  # who produced ``probabilities``
     truncated: bool  # the pair was cut to the bundle's max_length
     note: str = ""  # why the student's answer stands where routing wanted the LLM
-
-
-#: Notes of pairs routing wanted but a budget refused.
-NOTE_CALL_BUDGET = "routing budget exhausted: student answer kept"
-NOTE_WINDOW_BUDGET = "sliding-window routing budget exhausted: student answer kept"
+    #: share of in-distribution dev pairs whose OOD score is lower, in [0, 1] (darl_lite.ood_scale);
+    #: None for a bundle exported without the quantile table (re-export it to get one)
+    ood_percentile: float | None = None
+    #: how much the query looks like a known kind of shifted traffic, in [0, 1] (0 without a detector)
+    query_shift: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -68,13 +73,10 @@ class ScoredArrays:
     from_llm: NDArray[np.bool_]  # the fallback answered
     truncated: NDArray[np.bool_]
     notes: list[str]
-
-
-def softmax(logits: NDArray[np.floating], temperature: float = 1.0) -> NDArray[np.float64]:
-    z = np.asarray(logits, np.float64) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    query_shift: NDArray[np.float64] | None = None  # (N,) the query's shift probability
+    list_routed: NDArray[np.bool_] | None = None  # routed with its query's whole list
+    #: (N,) final grade decisions: the LLM's argmax, or the student's after its kind's prior correction
+    grades: NDArray[np.intp] | None = None
 
 
 class Scorer:
@@ -125,15 +127,53 @@ class Scorer:
                 f"the manifest names {len(self.grade_names)}"
             )
         self.detector = MahalanobisDetector.load(bundle.path_of(ood_role(precision)))
+        self.ood_scale = OODScale.from_manifest(manifest, precision)
         self.routing = routing or RoutingPolicy.from_manifest(manifest, precision)
+        #: Query-level shift routing (whole shifted lists, prior correction); None without the file.
+        self.shift = (
+            ShiftRouting.load(str(bundle.path_of(ROLE_SHIFT))) if ROLE_SHIFT in manifest["files"] else None
+        )
         self.fallback = fallback
         self.budget = budget
         self.executor = executor
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], **options: object) -> Scorer:
-        """Load and verify the bundle at ``directory``; ``options`` go to the constructor."""
-        return cls(load_bundle(directory), **options)  # type: ignore[arg-type]
+    def load(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        precision: str = "int8",
+        session: SessionConfig | None = None,
+        batch_size: int = 32,
+        routing: RoutingPolicy | None = None,
+        fallback: Fallback | None = None,
+        budget: RouteBudget | None = None,
+        executor: Executor | None = None,
+    ) -> Scorer:
+        """Load and verify (sha256 of every file) the bundle at ``directory`` and build a scorer.
+
+        Args:
+            precision: which graph to run, ``"int8"`` (default) or ``"fp32"``; the bundle must carry it.
+            session: onnxruntime threads, graph optimisation and providers (default: onnxruntime
+                picks the threads, CPU provider).
+            batch_size: pairs per onnxruntime run; larger batches pad more, smaller ones call more.
+            routing: who goes to the LLM; default: the policy the export fitted (the manifest's).
+            fallback: grades the routed pairs (e.g. :class:`darl_lite.llm.OpenAIGradeClient`);
+                None keeps the student's answer and notes it.
+            budget: a sliding-window cap on the routed share across calls
+                (:class:`darl_lite.RouteBudget`), on top of the policy's per-call cap.
+            executor: runs :meth:`ascore` and friends; default: the event loop's thread pool.
+        """
+        return cls(
+            load_bundle(directory),
+            precision=precision,
+            session=session,
+            batch_size=batch_size,
+            routing=routing,
+            fallback=fallback,
+            budget=budget,
+            executor=executor,
+        )
 
     # ----------------------------------------------------------------------------------------------
     def score(self, query: str, items: Sequence[str]) -> list[PairScore]:
@@ -167,6 +207,43 @@ class Scorer:
             start += size
         return out
 
+    def rank(
+        self, query: str, items: Sequence[str], top_k: int | None = None, return_items: bool = False
+    ) -> list[RankedItem]:
+        """The items sorted by expected relevance, best first (ties in input order), each with its
+        input ``index``; ``top_k`` keeps the best k (None: all). Same validation as :meth:`score`."""
+        top_k = check_top_k(top_k)
+        results = self.score(query, items)
+        gains = self.bundle.grade_gains
+        return rank_results(results, items, gains=gains, top_k=top_k, return_items=return_items)
+
+    async def arank(
+        self, query: str, items: Sequence[str], top_k: int | None = None, return_items: bool = False
+    ) -> list[RankedItem]:
+        """:meth:`rank` for async servers, run in ``executor``."""
+        loop = asyncio.get_running_loop()
+        call = functools.partial(self.rank, query, items, top_k=top_k, return_items=return_items)
+        return await loop.run_in_executor(self.executor, call)
+
+    def predict(self, pairs: Sequence[tuple[str, str]]) -> list[PairScore]:
+        """Grade mixed ``(query, item)`` pairs in one batch; results in input order.
+
+        Validated like :meth:`score`: errors name the pair, e.g. ``pairs[3].item is empty``.
+        """
+        if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+            raise InputError(f"pairs must be a list of (query, item) tuples, got {type(pairs).__name__}")
+        queries: list[str] = []
+        items: list[str] = []
+        for i, pair in enumerate(pairs):
+            if isinstance(pair, (str, bytes)) or not (isinstance(pair, Sequence) and len(pair) == 2):
+                raise InputError(f"pairs[{i}] must be a (query, item) tuple, got {type(pair).__name__}")
+            query, item = pair
+            _check_text(query, f"pairs[{i}].query")
+            _check_text(item, f"pairs[{i}].item")
+            queries.append(query)
+            items.append(item)
+        return self._to_results(self.score_arrays(queries, items))
+
     async def ascore(self, query: str, items: Sequence[str]) -> list[PairScore]:
         """:meth:`score` for async servers: the work runs in ``executor``, not on the event loop."""
         loop = asyncio.get_running_loop()
@@ -180,27 +257,24 @@ class Scorer:
     def score_arrays(self, queries: Sequence[str], items: Sequence[str]) -> ScoredArrays:
         """Score aligned pairs and return arrays; inputs are trusted to be validated strings."""
         outputs = self.model.run(queries, items)
-        student = softmax(outputs.logits, self.temperature)
         if outputs.ood is not None:  # computed in the graph's own pass (export wrote the nodes)
             ood = outputs.ood.astype(np.float64)
         else:
             ood = self.detector.score(outputs.pooled) if len(queries) else np.zeros(0)
-        decision = self.routing.decide(student, ood)
+        plan = plan_call(
+            outputs.logits,
+            ood,
+            queries,
+            temperature=self.temperature,
+            policy=self.routing,
+            shift=self.shift,
+            budget=self.budget,
+        )
+        student, notes, routed = plan.student, plan.notes, plan.routed
         n = len(queries)
-        notes = [""] * n
         final = student.copy()
+        grades = plan.grades.copy()
         from_llm = np.zeros(n, bool)
-        for i in np.flatnonzero(decision.candidate & ~decision.routed):
-            notes[i] = NOTE_CALL_BUDGET
-        routed = decision.routed
-        if self.budget is not None:
-            wanted = int(routed.sum())
-            granted = self.budget.acquire(n, wanted)
-            if granted < wanted:
-                kept = most_urgent(decision.urgency, routed, granted)
-                for i in np.flatnonzero(routed & ~kept):
-                    notes[i] = NOTE_WINDOW_BUDGET
-                routed = kept
         routed_index = np.flatnonzero(routed)
         if len(routed_index):
             if self.fallback is None:
@@ -214,17 +288,21 @@ class Scorer:
                         notes[i] = f"fallback failed ({error}): student answer kept"
                 else:
                     final[routed_index] = answer
+                    grades[routed_index] = answer.argmax(axis=1)
                     from_llm[routed_index] = True
         return ScoredArrays(
             probabilities=final,
             student_probabilities=student,
             logits=outputs.logits,
             ood_scores=ood,
-            candidate=decision.candidate,
+            candidate=plan.candidate,
             routed=routed,
             from_llm=from_llm,
             truncated=outputs.truncated,
             notes=notes,
+            query_shift=plan.query_shift,
+            list_routed=plan.list_routed,
+            grades=grades,
         )
 
     def _ask_fallback(
@@ -249,18 +327,23 @@ class Scorer:
     def _to_results(self, scored: ScoredArrays) -> list[PairScore]:
         probs = scored.probabilities
         expected = np.einsum("nc,c->n", probs, self.gains, optimize=False)  # no BLAS pool: see ood.py
+        scale = self.ood_scale
+        percentiles = scale.percentiles(scored.ood_scores).tolist() if scale else [None] * len(scored.notes)
+        shift = scored.query_shift if scored.query_shift is not None else np.zeros(len(scored.notes))
         # One tolist() per array, then plain zips: no numpy scalar is built per field.
         return [
-            PairScore(tuple(p), e, g, o, r, "llm" if f else "student", t, note)
-            for p, e, g, o, r, f, t, note in zip(
+            PairScore(tuple(p), e, g, o, r, "llm" if f else "student", t, note, pct, qs)
+            for p, e, g, o, r, f, t, note, pct, qs in zip(
                 probs.tolist(),
                 expected.tolist(),
-                probs.argmax(axis=1).tolist(),
+                (scored.grades if scored.grades is not None else probs.argmax(axis=1)).tolist(),
                 scored.ood_scores.tolist(),
                 scored.routed.tolist(),
                 scored.from_llm.tolist(),
                 scored.truncated.tolist(),
                 scored.notes,
+                percentiles,
+                shift.tolist(),
                 strict=True,
             )
         ]
@@ -284,9 +367,11 @@ def _check_items(items: object, field: str) -> None:
 
 __all__ = [
     "NOTE_CALL_BUDGET",
+    "NOTE_LIST_BUDGET",
     "NOTE_WINDOW_BUDGET",
     "Fallback",
     "PairScore",
+    "RankedItem",
     "ScoredArrays",
     "Scorer",
     "softmax",

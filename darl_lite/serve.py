@@ -1,11 +1,20 @@
 """``darl-lite serve``: an HTTP JSON API for search nodes that are not Python.
 
-Endpoints: ``POST /score`` (``{"query", "items"}`` or ``{"requests": [{"query", "items"}, ...]}``),
-``GET /healthz`` and ``GET /metrics`` (Prometheus text). Safe defaults: bound to 127.0.0.1, request
-bodies and item counts capped before any scoring, an optional bearer token compared in constant time
-and never logged or echoed, bad input answered 422 with the :class:`InputError` message, anything
-else 500 without a stack trace. FastAPI and uvicorn come from the ``serve`` extra and are imported
-only when an app is built, so importing this module costs nothing.
+Endpoints:
+
+* ``POST /score`` — ``{"query", "items"}`` or ``{"requests": [{"query", "items"}, ...]}``; unknown
+  fields are refused.
+* ``POST /v1/rerank``, ``/v2/rerank``, ``/rerank`` — Cohere/Jina-style reranking; ``/rerank`` with
+  ``texts`` speaks text-embeddings-inference instead (:mod:`darl_lite.serve_rerank`).
+* ``GET /healthz`` (readiness and the fallback's state), ``GET /metrics`` (Prometheus, through
+  ``prometheus_client``: :mod:`darl_lite.serve_metrics`), ``GET /openapi.json`` and ``/docs``
+  (the typed schema, :mod:`darl_lite.serve_schema`; ``openapi=False`` / ``--no-openapi`` removes them).
+
+Safe defaults: bound to 127.0.0.1, request bodies capped while they stream in and item counts capped
+before any scoring, an optional bearer token compared in constant time and never logged or echoed,
+bad input answered 422 with a message naming the field, anything else 500 without a stack trace;
+every error is ``{"detail": "..."}``. FastAPI, pydantic, prometheus_client and uvicorn come from the
+``serve`` extra and are imported only when an app is built, so importing this module costs nothing.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the handlers' annotations at runtime,
@@ -13,21 +22,16 @@ only when an app is built, so importing this module costs nothing.
 import hmac
 import json
 import logging
-import threading
 import time
-from bisect import bisect_left
-from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from darl_lite.errors import InputError, MissingExtraError
-from darl_lite.scorer import PairScore, Scorer
+from darl_lite.scorer import Scorer
+from darl_lite.serve_metrics import ENDPOINTS, LATENCY_BUCKETS, TimedFallback
 
 logger = logging.getLogger(__name__)
-
-#: Latency histogram bucket upper bounds, seconds.
-LATENCY_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-ENDPOINTS: tuple[str, ...] = ("/score", "/healthz", "/metrics")
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class ServeConfig:
     port: int = 8080
     max_items: int = 1000
     max_body_bytes: int = 1_000_000
+    openapi: bool = True  # serve /openapi.json and /docs
 
     def __post_init__(self) -> None:
         if self.max_items < 1 or self.max_body_bytes < 1:
@@ -44,67 +49,12 @@ class ServeConfig:
             raise InputError(f"port must lie in [0, 65535], got {self.port}")
 
 
-class Metrics:
-    """Counters and a latency histogram in Prometheus text format; thread-safe, no dependency."""
+class HTTPProblem(Exception):
+    """An error answered as ``{"detail": message}`` with ``status``."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.latency_counts: dict[str, list[int]] = {e: [0] * (len(LATENCY_BUCKETS) + 1) for e in ENDPOINTS}
-        self.latency_sum: dict[str, float] = dict.fromkeys(ENDPOINTS, 0.0)
-        self.pairs = 0
-        self.routed = 0
-        self.from_llm = 0
-        self.fallback_errors = 0
-
-    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
-        endpoint = endpoint if endpoint in ENDPOINTS else "other"
-        with self._lock:
-            self.requests[(endpoint, status)] += 1
-            if endpoint in self.latency_counts:
-                self.latency_counts[endpoint][bisect_left(LATENCY_BUCKETS, seconds)] += 1
-                self.latency_sum[endpoint] += seconds
-
-    def observe_results(self, results: list[PairScore]) -> None:
-        with self._lock:
-            self.pairs += len(results)
-            self.routed += sum(r.routed for r in results)
-            self.from_llm += sum(r.source == "llm" for r in results)
-            self.fallback_errors += sum(r.note.startswith("fallback failed") for r in results)
-
-    def render(self) -> str:
-        with self._lock:
-            lines = [
-                "# HELP darl_lite_requests_total HTTP requests by endpoint and status.",
-                "# TYPE darl_lite_requests_total counter",
-                *(
-                    f'darl_lite_requests_total{{endpoint="{e}",status="{s}"}} {n}'
-                    for (e, s), n in sorted(self.requests.items())
-                ),
-                "# HELP darl_lite_request_duration_seconds Request latency.",
-                "# TYPE darl_lite_request_duration_seconds histogram",
-            ]
-            hist = "darl_lite_request_duration_seconds"
-            for endpoint, counts in self.latency_counts.items():
-                label = f'endpoint="{endpoint}"'
-                total = 0
-                for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
-                    total += count
-                    le = "+Inf" if bound == float("inf") else repr(bound)
-                    lines.append(f'{hist}_bucket{{{label},le="{le}"}} {total}')
-                lines.append(f"{hist}_sum{{{label}}} {self.latency_sum[endpoint]}")
-                lines.append(f"{hist}_count{{{label}}} {total}")
-            rate = self.routed / self.pairs if self.pairs else 0.0
-            for name, kind, value, text in (
-                ("pairs_scored_total", "counter", self.pairs, "Pairs scored."),
-                ("pairs_routed_total", "counter", self.routed, "Pairs routed to the LLM (within budget)."),
-                ("pairs_from_llm_total", "counter", self.from_llm, "Pairs answered by the LLM."),
-                ("fallback_errors_total", "counter", self.fallback_errors, "Routed pairs the LLM failed."),
-                ("route_rate", "gauge", rate, "Share of scored pairs routed, since start."),
-            ):
-                lines += [f"# HELP darl_lite_{name} {text}", f"# TYPE darl_lite_{name} {kind}"]
-                lines.append(f"darl_lite_{name} {value}")
-        return "\n".join(lines) + "\n"
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _import_fastapi() -> Any:
@@ -115,14 +65,27 @@ def _import_fastapi() -> Any:
     return fastapi
 
 
-def _parse_body(raw: bytes, max_items: int) -> tuple[bool, list[tuple[str, list[str]]]]:
-    """``(batch, [(query, items), ...])`` from a request body, or :class:`InputError`."""
+def decode_json(raw: bytes) -> object:
+    """The JSON value of a request body, or :class:`InputError` saying why it is not JSON."""
     try:
-        body = json.loads(raw)
+        return json.loads(raw)
     except RecursionError as exc:  # json's decoder recurses once per nesting level
         raise InputError("request body is not valid JSON: nested too deeply") from exc
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer over 4300 digits
         raise InputError(f"request body is not valid JSON: {exc}") from exc
+
+
+def check_item_count(total: int, max_items: int) -> None:
+    if total > max_items:
+        raise InputError(f"{total} items in one request exceeds the limit of {max_items} (--max-items)")
+
+
+def parse_score_body(body: object, max_items: int) -> tuple[bool, list[tuple[str, list[str]]]]:
+    """``(batch, [(query, items), ...])`` from a decoded ``/score`` body, or :class:`InputError`.
+
+    Checked by hand rather than by the pydantic models, which only document it: these messages
+    (``items must be a list of strings, got a single str``) are the API's contract.
+    """
     if not isinstance(body, dict):
         raise InputError('request body must be a JSON object: {"query", "items"} or {"requests": [...]}')
     batch = "requests" in body
@@ -143,10 +106,23 @@ def _parse_body(raw: bytes, max_items: int) -> tuple[bool, list[tuple[str, list[
         if missing:
             raise InputError(f"missing fields {missing}")
         pairs = [(body["query"], body["items"])]
-    total = sum(len(items) if isinstance(items, list) else 0 for _, items in pairs)
-    if total > max_items:
-        raise InputError(f"{total} items in one request exceeds the limit of {max_items} (--max-items)")
+    check_item_count(sum(len(items) if isinstance(items, list) else 0 for _, items in pairs), max_items)
     return batch, pairs
+
+
+async def read_body(request: Any, max_body_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``max_body_bytes`` (declared or streamed)."""
+    too_big = f"request body exceeds the limit of {max_body_bytes} bytes (--max-body-bytes)"
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+        raise HTTPProblem(413, too_big)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise HTTPProblem(413, too_big)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def create_app(
@@ -155,30 +131,123 @@ def create_app(
     max_items: int = 1000,
     max_body_bytes: int = 1_000_000,
     token: str | None = None,
+    openapi: bool = True,
 ) -> Any:
-    """The FastAPI app serving ``scorer``; ``token`` (if given) is required as ``Bearer`` on /score
-    and /metrics (/healthz stays open for load balancers and reveals nothing but readiness)."""
+    """The FastAPI app serving ``scorer``.
+
+    ``token`` (if given) is required as ``Bearer`` on every POST route and on /metrics; /healthz
+    stays open for load balancers (readiness and the fallback's breaker state and counts, nothing
+    else), as does the schema. A configured ``scorer.fallback`` is wrapped in
+    :class:`~darl_lite.serve_metrics.TimedFallback` so its latency reaches /metrics and /healthz.
+    """
     fastapi = _import_fastapi()
-    from fastapi import Request
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from darl_lite import serve_schema as schema
+    from darl_lite.serve_metrics import ServeMetrics
 
     if max_items < 1 or max_body_bytes < 1:
         raise InputError("max_items and max_body_bytes must be >= 1")
     if token is not None and not token.strip():
         raise InputError("token must be a non-empty string, or None for no authentication")
-    expected = f"Bearer {token}".encode() if token is not None else None
-    metrics = Metrics()
-    app = fastapi.FastAPI(title="darl-lite", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def timed_fallback() -> TimedFallback | None:
+        return scorer.fallback if isinstance(scorer.fallback, TimedFallback) else None
+
+    metrics = ServeMetrics(timed_fallback)
+    if scorer.fallback is not None and not isinstance(scorer.fallback, TimedFallback):
+        scorer.fallback = TimedFallback(scorer.fallback, metrics.observe_fallback)
+    app = fastapi.FastAPI(
+        title="darl-lite",
+        summary="Graded query–item relevance: score, rerank (Cohere/Jina, text-embeddings-inference).",
+        docs_url="/docs" if openapi else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if openapi else None,
+    )
     app.state.metrics = metrics
+    expected = f"Bearer {token}".encode() if token is not None else None
+    ctx = _Context(scorer, metrics, schema, expected, max_items, max_body_bytes)
+    _install_middleware(app, metrics)
+    _install_info_routes(app, ctx)
+    _install_score_route(app, ctx)
+    _install_rerank_routes(app, ctx)
+    if openapi:
+        schema.install_openapi(app)
+    return app
 
-    def error(status: int, message: str) -> Any:
-        return JSONResponse({"detail": message}, status_code=status)
 
-    def authorised(request: Any) -> bool:
-        if expected is None:
-            return True
+@dataclass(frozen=True)
+class _Context:
+    """What every route needs: the scorer, the metrics, the schema module, auth and limits."""
+
+    scorer: Scorer
+    metrics: Any
+    schema: Any
+    expected_auth: bytes | None
+    max_items: int
+    max_body_bytes: int
+
+    @property
+    def errors(self) -> dict[int | str, dict[str, Any]]:
+        """The documented error responses of a POST route."""
+        return {
+            code: {"model": self.schema.ErrorResponse, "description": text}
+            for code, text in (
+                (401, "missing or wrong bearer token"),
+                (413, "request body over --max-body-bytes"),
+                (422, "bad input; the message names the field"),
+            )
+        }
+
+    def authorise(self, request: Any) -> None:
         given = request.headers.get("authorization", "").encode()
-        return hmac.compare_digest(given, expected)
+        if self.expected_auth is not None and not hmac.compare_digest(given, self.expected_auth):
+            raise HTTPProblem(401, "missing or wrong bearer token")
+
+    async def guarded(self, request: Any, work: Callable[[object], Any]) -> Any:
+        """Auth, size cap, JSON, then ``await work(body)``; every refusal becomes ``{"detail"}``."""
+        from fastapi.responses import JSONResponse
+        from pydantic import ValidationError
+
+        try:
+            self.authorise(request)
+            body = decode_json(await read_body(request, self.max_body_bytes))
+            return await work(body)
+        except HTTPProblem as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        except InputError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=422)
+        except ValidationError as exc:
+            return JSONResponse({"detail": self.schema.describe_validation_error(exc)}, status_code=422)
+
+    async def cohere(self, body: object, version: str) -> Any:
+        from fastapi.responses import JSONResponse
+
+        from darl_lite.serve_rerank import cohere_response
+
+        request = self.schema.CohereRerankRequest.model_validate(body)
+        check_item_count(len(request.documents), self.max_items)
+        results = await self.scorer.ascore(request.query, request.documents)
+        self.metrics.observe_results(results)
+        bundle = self.scorer.bundle
+        answer = cohere_response(
+            request, results, gains=bundle.grade_gains, grade_names=bundle.grade_names, api_version=version
+        )
+        return JSONResponse(answer.model_dump(mode="json", exclude_none=True))
+
+    async def tei(self, body: object) -> Any:
+        from fastapi.responses import JSONResponse
+
+        from darl_lite.serve_rerank import tei_response
+
+        request = self.schema.TEIRerankRequest.model_validate(body)
+        check_item_count(len(request.texts), self.max_items)
+        results = await self.scorer.ascore(request.query, request.texts)
+        self.metrics.observe_results(results)
+        ranks = tei_response(request, results, gains=self.scorer.bundle.grade_gains)
+        return JSONResponse([r.model_dump(mode="json", exclude_none=True) for r in ranks])
+
+
+def _install_middleware(app: Any, metrics: Any) -> None:
+    from fastapi.responses import JSONResponse
 
     @app.middleware("http")
     async def observe(request: Any, call_next: Any) -> Any:
@@ -190,52 +259,93 @@ def create_app(
             return response
         except Exception:  # anything unhandled: logged here, a bare 500 to the client
             logger.exception("unhandled error serving %s", request.url.path)
-            return error(500, "internal error")
+            return JSONResponse({"detail": "internal error"}, status_code=500)
         finally:
             metrics.observe_request(request.url.path, status, time.perf_counter() - started)
 
-    @app.get("/healthz")
+
+def _install_info_routes(app: Any, ctx: _Context) -> None:
+    """``GET /healthz`` (open) and ``GET /metrics`` (token)."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, Response
+
+    scorer = ctx.scorer
+
+    @app.get("/healthz", response_model=ctx.schema.HealthResponse)
     async def healthz() -> Any:
-        manifest = scorer.bundle.manifest
+        fallback = scorer.fallback
         return {
             "status": "ok",
             "bundle_loaded": True,
             "precision": scorer.precision,
-            "format_version": manifest.get("format_version"),
+            "format_version": scorer.bundle.manifest.get("format_version"),
             "grades": scorer.grade_names,
+            "fallback": fallback.health() if isinstance(fallback, TimedFallback) else {"configured": False},
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={401: ctx.errors[401]})
     async def metrics_text(request: Request) -> Any:
-        if not authorised(request):
-            return error(401, "missing or wrong bearer token")
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
-
-    @app.post("/score")
-    async def score(request: Request) -> Any:
-        if not authorised(request):
-            return error(401, "missing or wrong bearer token")
-        declared = request.headers.get("content-length")
-        too_big = f"request body exceeds the limit of {max_body_bytes} bytes (--max-body-bytes)"
-        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-            return error(413, too_big)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                return error(413, too_big)
-            chunks.append(chunk)
         try:
-            batch, pairs = _parse_body(b"".join(chunks), max_items)
-            results = await scorer.ascore_many(pairs)
-        except InputError as exc:
-            return error(422, str(exc))
-        for group in results:
-            metrics.observe_results(group)
-        rows = [[asdict(r) for r in group] for group in results]
-        return {"results": rows if batch else rows[0]}
+            ctx.authorise(request)
+        except HTTPProblem as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        return Response(ctx.metrics.render(), media_type=ctx.metrics.content_type)
 
-    return app
+
+def _install_score_route(app: Any, ctx: _Context) -> None:
+    """``POST /score``: darl-lite's own API, every field of every pair."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    async def work(body: object) -> Any:
+        batch, pairs = parse_score_body(body, ctx.max_items)
+        results = await ctx.scorer.ascore_many(pairs)
+        for group in results:
+            ctx.metrics.observe_results(group)
+        rows = [[asdict(r) for r in group] for group in results]
+        return JSONResponse({"results": rows if batch else rows[0]})
+
+    @app.post("/score", response_model=ctx.schema.ScoreResponse, responses=ctx.errors)
+    async def score(request: Request) -> Any:
+        return await ctx.guarded(request, work)
+
+
+def _install_rerank_routes(app: Any, ctx: _Context) -> None:
+    """``POST /v1/rerank``, ``/v2/rerank`` (Cohere/Jina) and ``/rerank`` (also TEI, by its body)."""
+    from fastapi import Request
+
+    from darl_lite.serve_schema import CohereRerankResponse, TEIRank
+
+    schema = ctx.schema
+
+    def versioned(version: str) -> Callable[[Any], Any]:
+        async def rerank_versioned(request: Request) -> Any:
+            return await ctx.guarded(request, lambda body: ctx.cohere(body, version))
+
+        return rerank_versioned
+
+    for version in ("1", "2"):
+        app.post(
+            f"/v{version}/rerank",
+            response_model=schema.CohereRerankResponse,
+            responses=ctx.errors,
+            name=f"rerank_v{version}",
+            summary=f"Rerank documents (Cohere v{version} / Jina style)",
+        )(versioned(version))
+
+    async def either(body: object) -> Any:
+        from darl_lite.serve_rerank import rerank_form
+
+        return await (ctx.tei(body) if rerank_form(body) == "tei" else ctx.cohere(body, "2"))
+
+    @app.post(
+        "/rerank",
+        response_model=CohereRerankResponse | list[TEIRank],
+        responses=ctx.errors,
+        summary='Rerank: Cohere/Jina with "documents", text-embeddings-inference with "texts"',
+    )
+    async def rerank(request: Request) -> Any:
+        return await ctx.guarded(request, either)
 
 
 def serve(scorer: Scorer, config: ServeConfig | None = None, *, token: str | None = None) -> None:
@@ -245,11 +355,24 @@ def serve(scorer: Scorer, config: ServeConfig | None = None, *, token: str | Non
     except ImportError as exc:
         raise MissingExtraError.for_module("uvicorn", "serve") from exc
     cfg = config or ServeConfig()
-    app = create_app(scorer, max_items=cfg.max_items, max_body_bytes=cfg.max_body_bytes, token=token)
+    app = create_app(
+        scorer, max_items=cfg.max_items, max_body_bytes=cfg.max_body_bytes, token=token, openapi=cfg.openapi
+    )
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         logger.warning("serving on %s without a bearer token: anyone who can reach it can score", cfg.host)
     logger.info("serving %s on http://%s:%d", scorer.bundle.directory, cfg.host, cfg.port)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
 
 
-__all__ = ["LATENCY_BUCKETS", "Metrics", "ServeConfig", "create_app", "serve"]
+__all__ = [
+    "ENDPOINTS",
+    "LATENCY_BUCKETS",
+    "HTTPProblem",
+    "ServeConfig",
+    "check_item_count",
+    "create_app",
+    "decode_json",
+    "parse_score_body",
+    "read_body",
+    "serve",
+]

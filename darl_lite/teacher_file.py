@@ -10,23 +10,22 @@ Pairs are matched by :attr:`Pair.key` = ``(query, item)``, exactly as written.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import io
 import json
 import logging
 import math
 import os
-import uuid
-import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from darl_lite.atomic import atomic_path, atomic_write_text, fsync_file
 from darl_lite.errors import DataError, InputError, MissingExtraError
+from darl_lite.lines import jsonl_objects
 from darl_lite.types import GRADE_NAMES, Pair
 
 logger = logging.getLogger(__name__)
@@ -147,31 +146,8 @@ class _Collector:
 
 
 def _read_jsonl(path: Path, collector: _Collector) -> None:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        number = 0
-        while True:
-            try:
-                raw = handle.readline()
-            except (OSError, EOFError, zlib.error) as exc:
-                raise DataError(f"{path}: unreadable after line {number} (corrupt gzip?): {exc}") from exc
-            if not raw:
-                return
-            number += 1
-            where = f"{path}, line {number}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{where}: invalid UTF-8 at byte {exc.start} of the line") from exc
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON: {exc.msg} at column {exc.colno}") from exc
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            collector.add(record, where)
+    for where, record in jsonl_objects(path):
+        collector.add(record, where)
 
 
 def _read_parquet(path: Path, collector: _Collector) -> None:
@@ -232,18 +208,6 @@ def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 # Writing
 
 
-@contextlib.contextmanager
-def _atomic_target(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path``, moved onto it only if the body succeeds."""
-    # Not mkstemp: its 0600 mode would stick to the final file; a unique name under the umask instead.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_jsonl(tmp: Path, records: Iterable[tuple[Key, list[float]]], compress: bool) -> None:
     with open(tmp, "wb") as raw:
         handle: io.BufferedIOBase = (
@@ -256,8 +220,7 @@ def _write_jsonl(tmp: Path, records: Iterable[tuple[Key, list[float]]], compress
         finally:
             if compress:
                 handle.close()
-        raw.flush()
-        os.fsync(raw.fileno())
+        fsync_file(raw)
 
 
 def _write_parquet(tmp: Path, records: Sequence[tuple[Key, list[float]]]) -> None:
@@ -326,7 +289,7 @@ def write_teacher_outputs(
             raise InputError(f"provenance must be JSON-serialisable: {exc}") from exc
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_target(target) as tmp:
+    with atomic_path(target) as tmp:
         if fmt == "jsonl":
             _write_jsonl(tmp, records, compress=target.name.lower().endswith(".gz"))
         else:
@@ -338,8 +301,7 @@ def write_teacher_outputs(
             logger.info("removing stale provenance %s (no provenance given)", sidecar)
             sidecar.unlink()
     else:
-        with _atomic_target(sidecar) as tmp:
-            tmp.write_text(sidecar_text, encoding="utf-8")
+        atomic_write_text(sidecar, sidecar_text)
     logger.info("wrote %d teacher outputs to %s", len(records), target)
     return target
 
@@ -354,6 +316,17 @@ def _default_name(path: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+#: The shipped teacher outputs for every pair of the shipped data, with provenance beside them.
+SHIPPED_TEACHER = "teacher_llm.jsonl.gz"
+
+
+def shipped_teacher_path() -> Path:
+    """The teacher file shipped inside the package (grades of every shipped pair)."""
+    from importlib import resources
+
+    return Path(str(resources.files("darl_lite") / "data" / SHIPPED_TEACHER))
 
 
 class FileTeacher:

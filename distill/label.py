@@ -12,7 +12,8 @@ the final file is written with :func:`darl_lite.teacher_file.write_teacher_outpu
 rename: a half-written final file never exists, and an earlier one stays intact until the new one is
 complete), and the work files are removed.
 
-Nothing here needs torch: a teacher is anything with ``name``, ``kind`` and ``predict_proba``.
+Nothing here needs torch: a teacher is anything with ``name``, ``kind`` and ``predict_proba``
+(:meth:`TeacherSpec.build` imports the model code only when called).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import json
 import logging
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from darl_lite.atomic import atomic_write_json
 from darl_lite.errors import DataError, InputError
 from darl_lite.teacher import Teacher
 from darl_lite.teacher_file import _record, read_teacher_outputs, write_teacher_outputs
@@ -41,6 +42,54 @@ logger = logging.getLogger(__name__)
 _PROGRESS_FORMAT = 1
 PART_SUFFIX = ".part.jsonl"
 PROGRESS_SUFFIX = ".progress.json"
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """How to build the labeling teacher, as plain data: every labeling path builds it the same way.
+
+    ``darl-lite distill label`` builds it in process; the Ray path ships it to each actor (it pickles),
+    so the teacher an actor grades with is the one the single-process path would have built.
+    ``head``: a probe head from ``distill teacher`` (the tuned LLM teacher, :class:`ProbeTeacher`);
+    without it, ``model`` is an HF folder with a classification head (:class:`HFTeacher`).
+    """
+
+    model: str
+    head: str | None = None
+    name: str | None = None
+    kind: str = "llm"
+    max_length: int = 128
+    batch_size: int = 32
+
+    def build(self) -> Teacher:
+        """Load the model (and head) and return the teacher; needs the ``distill`` extra."""
+        if self.head:
+            from darl_lite.distill.teacher_tune import ProbeTeacher
+
+            probe = ProbeTeacher.from_files(self.model, self.head, batch_size=self.batch_size)
+            if self.name:
+                probe.name = self.name
+            return probe
+        from darl_lite.distill.teachers import HFTeacher
+
+        kind: Any = self.kind
+        return HFTeacher.from_pretrained(
+            self.model, name=self.name, kind=kind, max_length=self.max_length, batch_size=self.batch_size
+        )
+
+    def teacher_name(self) -> str:
+        """The name the built teacher will carry, known without loading the model."""
+        if self.name:
+            return self.name
+        if self.head:
+            from darl_lite.distill.teacher_tune import TEACHER_NAME
+
+            return TEACHER_NAME
+        return Path(self.model).resolve().name
+
+    def teacher_kind(self) -> str:
+        """The kind the built teacher will carry (a probe teacher is always an LLM)."""
+        return "llm" if self.head else self.kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,15 +135,7 @@ def _fingerprint(teacher: Teacher, pairs: Sequence[Pair], chunk_size: int) -> st
 
 
 def _write_progress(path: Path, progress: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(progress, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_json(path, progress, indent=2, sort_keys=True)
 
 
 def _read_progress(path: Path, fingerprint: str) -> dict[str, Any] | None:
@@ -263,4 +304,4 @@ def label_pairs(
     )
 
 
-__all__ = ["LabelResult", "label_pairs", "part_path", "progress_path"]
+__all__ = ["LabelResult", "TeacherSpec", "label_pairs", "part_path", "progress_path"]

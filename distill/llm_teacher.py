@@ -255,6 +255,11 @@ def _augmentation(table: FeatureTable, layer: int, splits: Splits, config: Probe
     return [pool[i] for i in chosen.indices]
 
 
+def augmentation_pairs(table: FeatureTable, layer: int, splits: Splits, config: ProbeConfig) -> list[Pair]:
+    """The pool pairs ``config.augmentation`` adds at ``layer`` (what stage 1 trains on beyond train)."""
+    return _augmentation(table, layer, splits, config)
+
+
 def _fit_at_layer(
     table: FeatureTable, layer: int, splits: Splits, config: ProbeConfig
 ) -> tuple[ProbeHead, int]:

@@ -22,20 +22,20 @@ refused by :func:`extract_features` with a message.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
+import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from darl_lite.calibration import softmax
 from darl_lite.distill.backbone import (
     DEFAULT_MAX_LENGTH,
     accepts_token_type_ids,
@@ -44,8 +44,17 @@ from darl_lite.distill.backbone import (
     pad_token_id_of,
     tokenize_pairs,
 )
-from darl_lite.distill.trainer import _length_bucketed_batches, predict_logits
+from darl_lite.distill.lora import LoraSettings, wrap_lora
+from darl_lite.distill.train_loop import (
+    Checkpoints,
+    TrainLoop,
+    length_bucketed_batches,
+    optimizer_step,
+    total_steps,
+)
+from darl_lite.distill.trainer import predict_logits
 from darl_lite.errors import InputError
+from darl_lite.export.heads import capture_head_input, head_of, pool_head_input
 from darl_lite.metrics import grading_report
 from darl_lite.types import Pair
 
@@ -56,65 +65,12 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 #: ``objective({dev set: grading_report}) -> float`` (higher is better).
 Objective = Callable[[Mapping[str, Mapping[str, float]]], float]
 
-#: Head attributes looked up, in order: encoders call it ``classifier``, decoder LLMs ``score``.
-HEAD_ATTRIBUTES: tuple[str, ...] = ("classifier", "score")
 #: WiSE-FT mixing weights tried by default: 0, 0.1, …, 1.
 DEFAULT_ALPHA_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
-_NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
 # --------------------------------------------------------------------------------------------------
 # The head and its input
-
-
-def head_of(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
-    """``(attribute, module)`` of the classification head: ``classifier`` (encoders) or ``score``."""
-    for name in HEAD_ATTRIBUTES:
-        module = getattr(model, name, None)
-        if isinstance(module, torch.nn.Module):
-            return name, module
-    raise InputError(
-        f"{type(model).__name__} has no classification head attribute among {HEAD_ATTRIBUTES}; pass a "
-        "Hugging Face *ForSequenceClassification model"
-    )
-
-
-@contextlib.contextmanager
-def _capture_head_input(head: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        captured["hidden"] = args[0]
-
-    handle = head.register_forward_pre_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-def _pool(
-    hidden: torch.Tensor, input_ids: torch.Tensor, head_name: str, pad_token_id: int | None
-) -> torch.Tensor:
-    """One vector per pair from what the head read: 2-D as is; a decoder's 3-D at the last non-pad token.
-
-    The position rule is transformers' own (``argmax(arange(L) * (input_ids != pad))``), so the
-    head applied to the pooled vector gives exactly the model's logits.
-    """
-    if hidden.dim() == 2:
-        return hidden
-    if hidden.dim() != 3 or head_name != "score":
-        raise InputError(
-            f"the {head_name!r} head reads a {hidden.dim()}-D tensor and pools inside itself; the linear "
-            "probe supports heads that read one vector per pair (BERT-like) or decoder 'score' heads"
-        )
-    if pad_token_id is None:
-        last = torch.full(hidden.shape[:1], hidden.shape[1] - 1, dtype=torch.long, device=hidden.device)
-    else:
-        non_pad = (input_ids != pad_token_id).to(torch.int64)
-        positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
-        last = (positions * non_pad).argmax(-1)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 def extract_features(
@@ -154,9 +110,9 @@ def extract_features(
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 inputs = collate([features[i] for i in idx], pad_id, device)
-                with _capture_head_input(head) as captured:
+                with capture_head_input(head) as captured:
                     logits = model(**inputs).logits
-                pooled = _pool(captured["hidden"], inputs["input_ids"], head_name, config_pad)
+                pooled = pool_head_input(captured["hidden"], inputs["input_ids"], head_name, config_pad)
                 if feats is None:
                     feats = np.empty((len(pairs), pooled.shape[-1]), dtype=np.float32)
                 feats[idx] = pooled.float().cpu().numpy()
@@ -199,25 +155,6 @@ def _targets(
     if np.any((labels < -1) | (labels >= n_labels)):
         raise InputError(f"grades must be -1 (none) or lie in [0, {n_labels})")
     return torch.from_numpy(probs), torch.from_numpy(labels)
-
-
-def _step(
-    loss: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    params: Sequence[torch.nn.Parameter],
-    grad_clip: float | None,
-    step: int,
-    what: str,
-) -> float:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise FloatingPointError(f"{what} loss became {value} at step {step}; lower the learning rate")
-    return value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,7 +207,8 @@ def linear_probe(
             for start in range(0, x.shape[0], batch_size):
                 idx = order[start : start + batch_size].to(device)
                 loss = loss_fn(head(x[idx]).float(), probs[idx], labels[idx])
-                losses.append(_step(loss, optimizer, params, None, len(losses) + 1, "linear-probe"))
+                step = len(losses) + 1
+                losses.append(optimizer_step(loss, optimizer, params, None, step=step, what="linear-probe"))
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
@@ -284,42 +222,6 @@ def linear_probe(
 
 # --------------------------------------------------------------------------------------------------
 # Stage 2: fine-tune (full or LoRA)
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA adapters for stage 2 (``peft``); ``target_modules=None`` takes peft's default per model type."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.r < 1 or self.alpha < 1 or not 0 <= self.dropout < 1:
-            raise InputError(
-                f"LoraSettings: r and alpha must be >= 1 and dropout in [0, 1); got {self.r}, {self.alpha}, "
-                f"{self.dropout}"
-            )
-
-
-def _wrap_lora(model: PreTrainedModel, lora: LoraSettings) -> Any:
-    try:
-        from peft import LoraConfig, TaskType, get_peft_model
-    except ImportError as exc:  # peft is part of the distill extra
-        from darl_lite.errors import MissingExtraError
-
-        raise MissingExtraError.for_module("peft", "distill") from exc
-    head_name, _ = head_of(model)
-    config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules) if lora.target_modules else None,
-        modules_to_save=[head_name],
-    )
-    return get_peft_model(model, config)
 
 
 def finetune(
@@ -341,6 +243,8 @@ def finetune(
     lora: LoraSettings | None = None,
     seed: int = 0,
     progress: bool = False,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 100,
 ) -> tuple[PreTrainedModel, StageResult]:
     """Fine-tune ``model`` on ``pairs`` with ``loss_fn``; returns ``(model, result)``, model in eval mode.
 
@@ -348,7 +252,10 @@ def finetune(
     of the head) are added through ``peft``, trained, then merged back (``merge_and_unload``), so the
     returned model is a plain transformers model again — use the returned object. Batches are
     length-bucketed and seeded; AdamW (no decay on biases and norms), linear warm-up and decay over
-    the steps that run (``max_steps`` caps them: the ablation's equal budget).
+    the steps that run (``max_steps`` caps them: the ablation's equal budget). With
+    ``checkpoint_dir`` the run checkpoints every ``checkpoint_every`` steps and resumes from the
+    newest checkpoint, as :func:`darl_lite.distill.trainer.distill_student` does
+    (:class:`~darl_lite.distill.train_loop.TrainLoop`).
     """
     if not pairs:
         raise InputError("finetune got no pairs")
@@ -364,37 +271,34 @@ def finetune(
     device = model_device(model)
     pad_id = pad_token_id_of(model, tokenizer)
 
-    trained: Any = _wrap_lora(model, lora) if lora is not None else model
-    total = epochs * math.ceil(len(pairs) / batch_size)
-    if max_steps is not None:
-        total = min(total, max_steps)
-    named = [(n, p) for n, p in trained.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    groups = [
-        {"params": [p for n, p in named if not n.endswith(_NO_DECAY)], "weight_decay": weight_decay},
-        {"params": [p for n, p in named if n.endswith(_NO_DECAY)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=lr)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total), total)
+    trained: Any = wrap_lora(model, lora) if lora is not None else model
+    settings = dict(stage="finetune", epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                    weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_steps=max_steps,
+                    grad_clip=grad_clip, max_length=max_length,
+                    lora=None if lora is None else astuple(lora))  # fmt: skip
+    arrays = [probs.numpy(), labels.numpy()]
+    checkpoints = Checkpoints.for_run(checkpoint_dir, settings, pairs, arrays, trained, checkpoint_every)
+    loop = TrainLoop(
+        trained,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio,
+        total_steps=total_steps(len(pairs), batch_size, epochs, max_steps),
+        grad_clip=grad_clip,
+        checkpoints=checkpoints,
+        what="fine-tuning",
+        progress=progress,
+    )
     started = time.perf_counter()
-    losses: list[float] = []
-    bar = tqdm(total=total, desc="finetune", unit="step", disable=not progress)
     trained.train()
     try:
-        while len(losses) < total:
-            for batch in _length_bucketed_batches(lengths, batch_size, rng):
-                if len(losses) >= total:
-                    break
-                index = torch.tensor(batch, dtype=torch.long)
-                logits = trained(**collate([features[i] for i in batch], pad_id, device)).logits
-                loss = loss_fn(logits.float(), probs[index].to(device), labels[index].to(device))
-                losses.append(_step(loss, optimizer, params, grad_clip, len(losses) + 1, "fine-tuning"))
-                scheduler.step()
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        for batch in loop.batches(lambda r: length_bucketed_batches(lengths, batch_size, r), rng):
+            index = torch.tensor(batch, dtype=torch.long)
+            logits = trained(**collate([features[i] for i in batch], pad_id, device)).logits
+            loop.step(loss_fn(logits.float(), probs[index].to(device), labels[index].to(device)), len(batch))
     finally:
-        bar.close()
         trained.eval()
+    losses = loop.losses
     if lora is not None:
         trained = trained.merge_and_unload()
         trained.eval()
@@ -457,15 +361,8 @@ def evaluate(
     out: dict[str, dict[str, float]] = {}
     for name, pairs in dev_sets.items():
         logits = predict_logits(model, tokenizer, pairs, batch_size=batch_size, max_length=max_length)
-        out[name] = grading_report(_softmax(logits), pairs)
+        out[name] = grading_report(softmax(logits), pairs)
     return out
-
-
-def _softmax(logits: NDArray[np.floating]) -> NDArray[np.float64]:
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def mean_macro_f1(reports: Mapping[str, Mapping[str, float]]) -> float:

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
-import re
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from darl_lite.distill.backbone import (
     DEFAULT_MAX_LENGTH,
@@ -31,22 +24,19 @@ from darl_lite.distill.backbone import (
     tokenize_pairs,
 )
 from darl_lite.distill.losses import distillation_loss
+from darl_lite.distill.train_loop import (
+    Checkpoints,
+    TrainLoop,
+    length_bucketed_batches,
+    total_steps,
+)
 from darl_lite.errors import InputError
 from darl_lite.types import Pair
 
 logger = logging.getLogger(__name__)
 
-#: Batches are formed inside shuffled windows of this many batches, sorted by length: enough to
-#: group similar lengths (little padding) while keeping batches different from epoch to epoch.
-_BUCKET_WINDOW = 50
 #: Tolerance on teacher rows summing to 1 (float32 files written by other tools round).
 _ROW_SUM_ATOL = 1e-3
-#: Checkpoints kept in ``checkpoint_dir`` (the newest ones); older ones are deleted after a write.
-_KEEP_CHECKPOINTS = 2
-_CHECKPOINT_FORMAT = 1
-_CHECKPOINT_NAME = re.compile(r"^step-(\d{8})$")
-_STATE_FILE = "state.pt"
-_META_FILE = "meta.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,137 +129,6 @@ def _validate_inputs(pairs: Sequence[Pair], teacher_probs: np.ndarray, n_labels:
     return probs.astype(np.float32, copy=False)
 
 
-def _length_bucketed_batches(
-    lengths: Sequence[int], batch_size: int, rng: np.random.Generator
-) -> list[list[int]]:
-    """One epoch of batches: shuffle, sort by length within windows, cut, shuffle the batches.
-
-    Sorting gathers pairs of similar length so a batch pads little; shuffling before and after keeps
-    the order (and the batches themselves) random and seeded.
-    """
-    order = rng.permutation(len(lengths))
-    window = batch_size * _BUCKET_WINDOW
-    batches: list[list[int]] = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window].tolist(), key=lambda i: lengths[i])
-        batches.extend(chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size))
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints: one directory per step, ``step-00000123/{state.pt, meta.json}``, written into a
-# temporary sibling and renamed into place, so a crash (or a full disk) mid-write never leaves a
-# checkpoint that looks complete. ``state.pt`` holds tensors and plain containers only and is read
-# back with ``torch.load(weights_only=True)``: nothing in it can run code. ``meta.json`` holds the
-# position in the run, the numpy batch-order RNG state and a fingerprint of the run's inputs.
-
-
-def _run_fingerprint(
-    config: DistillConfig, pairs: Sequence[Pair], probs: NDArray[np.float32], model: PreTrainedModel
-) -> str:
-    """A hash of everything that decides the run: config, pairs, grades, teacher targets, shapes."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps(asdict(config), sort_keys=True).encode())
-    digest.update(json.dumps([type(model).__name__, int(model.config.num_labels), len(pairs)]).encode())
-    for pair in pairs:
-        digest.update(json.dumps([pair.query, pair.item, pair.grade]).encode("utf-8", "surrogatepass"))
-    digest.update(np.ascontiguousarray(probs, dtype=np.float32).tobytes())
-    for name, param in model.named_parameters():
-        digest.update(f"{name}:{tuple(param.shape)}".encode())
-    return digest.hexdigest()
-
-
-def _latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint (its ``meta.json`` is written last), or None."""
-    if not directory.is_dir():
-        return None
-    found = [
-        (int(match.group(1)), entry)
-        for entry in directory.iterdir()
-        if (match := _CHECKPOINT_NAME.match(entry.name)) and (entry / _META_FILE).is_file()
-    ]
-    return max(found)[1] if found else None
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not every platform opens directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_checkpoint(directory: Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Write ``state`` (torch.save) and ``meta`` (JSON) as checkpoint ``step-<meta['step']>``, atomically."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step-{meta['step']:08d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=directory))
-    try:
-        with open(staging / _STATE_FILE, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        with open(staging / _META_FILE, "w", encoding="utf-8") as handle:
-            json.dump(meta, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if final.exists():  # the same step written again (a resumed run that crashed before moving on)
-            shutil.rmtree(final)
-        staging.rename(final)
-        _fsync_dir(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    kept = sorted(
-        (entry for entry in directory.iterdir() if _CHECKPOINT_NAME.match(entry.name)), reverse=True
-    )
-    for old in kept[_KEEP_CHECKPOINTS:]:
-        shutil.rmtree(old, ignore_errors=True)
-    logger.info("checkpoint %s written", final)
-    return final
-
-
-def _read_checkpoint(path: Path, fingerprint: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(state, meta)`` of a checkpoint written for the run with this ``fingerprint``."""
-    try:
-        meta = json.loads((path / _META_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"checkpoint {path}: unreadable {_META_FILE}: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != _CHECKPOINT_FORMAT:
-        raise InputError(
-            f"checkpoint {path}: not a distill_student checkpoint of format {_CHECKPOINT_FORMAT}"
-        )
-    if meta.get("fingerprint") != fingerprint:
-        raise InputError(
-            f"checkpoint {path} belongs to another run (different config, pairs, teacher targets or "
-            "model); pass an empty checkpoint_dir for this run, or delete that directory to start over"
-        )
-    try:
-        state = torch.load(path / _STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or corrupt: torch raises several types
-        raise InputError(
-            f"checkpoint {path}: {_STATE_FILE} is unreadable ({type(exc).__name__}: {exc}); "
-            "delete this checkpoint directory to resume from the one before it"
-        ) from exc
-    return state, meta
-
-
-def _torch_rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_torch_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def distill_student(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -300,8 +159,6 @@ def distill_student(
     covers this call only; ``losses``, ``steps`` and ``pairs_seen`` cover the whole run.
     """
     config = config or DistillConfig()
-    if checkpoint_every < 1:
-        raise InputError(f"checkpoint_every must be >= 1; got {checkpoint_every}")
     n_labels = int(model.config.num_labels)
     probs = _validate_inputs(pairs, teacher_probs, n_labels)
     torch.manual_seed(config.seed)
@@ -316,132 +173,46 @@ def distill_student(
     lengths = [len(f["input_ids"]) for f in features]
     targets = torch.from_numpy(probs)
     grades = torch.tensor([-1 if p.grade is None else p.grade for p in pairs], dtype=torch.long)
-
-    batches_per_epoch = math.ceil(len(pairs) / config.batch_size)
-    total_steps = config.epochs * batches_per_epoch
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": config.weight_decay},
-        {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr)
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(config.warmup_ratio * total_steps), total_steps
+    settings = asdict(config)
+    checkpoints = Checkpoints.for_run(checkpoint_dir, settings, pairs, [probs], model, checkpoint_every)
+    loop = TrainLoop(
+        model,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_ratio=config.warmup_ratio,
+        total_steps=total_steps(len(pairs), config.batch_size, config.epochs, config.max_steps),
+        grad_clip=config.grad_clip,
+        checkpoints=checkpoints,
+        what="distillation",
+        hint=f"lower lr (now {config.lr}) or check the teacher probabilities",
+        progress=progress,
     )
-
-    losses: list[float] = []
-    pairs_seen = 0
-    start_epoch, skip_batches = 0, 0
-    resume_rng_state: dict[str, Any] | None = None
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    fingerprint = ""
-    if ckpt_dir is not None:
-        fingerprint = _run_fingerprint(config, pairs, probs, model)
-        for stale in ckpt_dir.glob(".tmp-step-*") if ckpt_dir.is_dir() else ():
-            shutil.rmtree(stale, ignore_errors=True)  # a write a crash interrupted
-        latest = _latest_checkpoint(ckpt_dir)
-        if latest is not None:
-            state, meta = _read_checkpoint(latest, fingerprint)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            _set_torch_rng_state(state["torch_rng"])
-            losses = [float(x) for x in state["losses"].tolist()]
-            pairs_seen = int(meta["pairs_seen"])
-            start_epoch, skip_batches = int(meta["epoch"]), int(meta["batches_done_in_epoch"])
-            resume_rng_state = meta["epoch_rng_state"]
-            logger.info("resuming from %s: step %d of %d", latest, len(losses), total_steps)
-
-    def checkpoint(epoch: int, done_in_epoch: int, epoch_rng_state: dict[str, Any]) -> None:
-        assert ckpt_dir is not None
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": _torch_rng_state(),
-            "losses": torch.tensor(losses, dtype=torch.float64),
-        }
-        meta = {
-            "format": _CHECKPOINT_FORMAT,
-            "fingerprint": fingerprint,
-            "step": len(losses),
-            "total_steps": total_steps,
-            "epoch": epoch,
-            "batches_done_in_epoch": done_in_epoch,
-            "epoch_rng_state": epoch_rng_state,
-            "pairs_seen": pairs_seen,
-        }
-        _write_checkpoint(ckpt_dir, state, meta)
-
     model.train()
-    running: float | None = None
-    bar = tqdm(total=total_steps, initial=len(losses), desc="distill", unit="step", disable=not progress)
     try:
-        for epoch in range(config.epochs):
-            if len(losses) >= total_steps:
-                break
-            if epoch < start_epoch:
-                continue  # done before the interruption; its batch order is inside the saved RNG state
-            if epoch == start_epoch and resume_rng_state is not None:
-                rng.bit_generator.state = resume_rng_state
-            # The state that regenerates this epoch's batches: what a checkpoint must carry.
-            epoch_rng_state = dict(rng.bit_generator.state)
-            done_in_epoch = 0
-            for batch in _length_bucketed_batches(lengths, config.batch_size, rng):
-                if len(losses) >= total_steps:
-                    break
-                if epoch == start_epoch and done_in_epoch < skip_batches:
-                    done_in_epoch += 1
-                    continue
-                index = torch.tensor(batch, dtype=torch.long)
-                inputs = collate([features[i] for i in batch], pad_id, device)
-                logits = model(**inputs).logits
-                loss = distillation_loss(
-                    logits,
-                    targets[index].to(device),
-                    grades[index].to(device),
-                    temperature=config.temperature,
-                    alpha=config.alpha,
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"distillation loss became {value} at step {len(losses) + 1}; lower lr "
-                        f"(now {config.lr}) or check the teacher probabilities"
-                    )
-                losses.append(value)
-                pairs_seen += len(batch)
-                done_in_epoch += 1
-                running = value if running is None else 0.9 * running + 0.1 * value
-                bar.set_postfix(loss=f"{running:.4f}")
-                bar.update(1)
-                if ckpt_dir is not None and (
-                    len(losses) % checkpoint_every == 0 or len(losses) == total_steps
-                ):
-                    checkpoint(epoch, done_in_epoch, epoch_rng_state)
+        for batch in loop.batches(lambda r: length_bucketed_batches(lengths, config.batch_size, r), rng):
+            index = torch.tensor(batch, dtype=torch.long)
+            logits = model(**collate([features[i] for i in batch], pad_id, device)).logits
+            loss = distillation_loss(
+                logits,
+                targets[index].to(device),
+                grades[index].to(device),
+                temperature=config.temperature,
+                alpha=config.alpha,
+            )
+            loop.step(loss, len(batch))
     finally:
-        bar.close()
         model.eval()
     seconds = time.perf_counter() - started
+    losses = loop.losses
     logger.info(
         "distilled %d steps (%d pairs) in %.1f s: loss %.4f -> %.4f",
         len(losses),
-        pairs_seen,
+        loop.pairs_seen,
         seconds,
         losses[0],
         losses[-1],
     )
-    return TrainResult(losses=tuple(losses), seconds=seconds, steps=len(losses), pairs_seen=pairs_seen)
+    return TrainResult(losses=tuple(losses), seconds=seconds, steps=len(losses), pairs_seen=loop.pairs_seen)
 
 
 def predict_logits(

@@ -5,7 +5,14 @@ package. torch and onnx are imported inside the functions that use them, so impo
 """
 
 from darl_lite.export.onnx_export import OnnxExportInfo, export_onnx
-from darl_lite.export.parity import ParityReport, ParityThresholds, check_parity, parity_report, worst_pairs
+from darl_lite.export.parity import (
+    ParityError,
+    ParityReport,
+    ParityThresholds,
+    check_parity,
+    parity_report,
+    worst_pairs,
+)
 from darl_lite.export.quantize import (
     PRESETS,
     NodeSensitivity,
@@ -21,6 +28,7 @@ __all__ = [
     "PRESETS",
     "NodeSensitivity",
     "OnnxExportInfo",
+    "ParityError",
     "ParityReport",
     "ParityThresholds",
     "QuantPreset",

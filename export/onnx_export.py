@@ -23,17 +23,17 @@ so a graph that loads but computes something else is refused at export time, not
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from darl_lite.errors import InputError, MissingExtraError
+from darl_lite.export.heads import capture_head_input, head_of, pool_head_input
 
 if TYPE_CHECKING:  # type-only: keeps `import darl_lite.export` cheap and torch-free at import time
     import torch
@@ -42,9 +42,6 @@ logger = logging.getLogger(__name__)
 
 Exporter = Literal["auto", "optimum", "torch"]
 
-#: Names of the head module, in the order they are looked up: BERT-like encoders call it
-#: ``classifier``, transformers' decoder classifiers (Qwen2, Llama, …) call it ``score``.
-HEAD_ATTRIBUTES: tuple[str, ...] = ("classifier", "score")
 OUTPUT_NAMES: tuple[str, str] = ("logits", "pooled")
 #: Largest |ONNX − torch| accepted by the export-time check (fp32, same inputs).
 EXPORT_ATOL = 1e-4
@@ -86,18 +83,6 @@ def _require(module: str) -> Any:
         raise MissingExtraError.for_module(module, "export") from exc
 
 
-def _find_head(model: Any) -> tuple[str, Any]:
-    for name in HEAD_ATTRIBUTES:
-        head = getattr(model, name, None)
-        if head is not None and callable(head):
-            return name, head
-    raise InputError(
-        f"{type(model).__name__} has no classification head named one of {list(HEAD_ATTRIBUTES)}; "
-        "export_onnx expects an AutoModelForSequenceClassification model (load it with "
-        "AutoModelForSequenceClassification.from_pretrained(path, num_labels=3))"
-    )
-
-
 def _input_names(model: Any, tokenizer: Any) -> list[str]:
     """The tokenizer's outputs that the model's forward accepts, in the tokenizer's order."""
     produced = list(getattr(tokenizer, "model_input_names", []) or [])
@@ -112,45 +97,7 @@ def _input_names(model: Any, tokenizer: Any) -> list[str]:
     return names
 
 
-def _pool(hidden: torch.Tensor, input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
-    """Reduce what the head read to one vector per pair.
-
-    A 2-D head input (BERT pooler output, DistilBERT pre-classifier…) is already one vector per pair.
-    A 3-D one is a decoder's ``score`` head, which transformers applies to every position and then
-    reads at the last non-padding token; we pick that same position with the same rule
-    (``argmax(arange(seq) * (input_ids != pad))``, as in ``Qwen2ForSequenceClassification``).
-    """
-    import torch
-
-    if hidden.dim() == 2:
-        return hidden
-    if hidden.dim() != 3:
-        raise InputError(f"the classification head read a {hidden.dim()}-D tensor; expected 2-D or 3-D")
-    if pad_token_id is None:
-        last = torch.full(hidden.shape[:1], hidden.shape[1] - 1, dtype=torch.long)
-    else:
-        non_pad = (input_ids != pad_token_id).to(torch.int32)
-        positions = torch.arange(input_ids.shape[-1], dtype=torch.int32)
-        last = (positions * non_pad).argmax(-1)
-    return hidden[torch.arange(hidden.shape[0]), last]
-
-
-@contextlib.contextmanager
-def _capture_head_input(head: Any) -> Iterator[dict[str, Any]]:
-    """Record the first positional input of ``head`` while the block runs."""
-    captured: dict[str, Any] = {}
-
-    def hook(_module: Any, args: tuple[Any, ...]) -> None:
-        captured["hidden"] = args[0]
-
-    handle = head.register_forward_pre_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-def _make_wrapper(model: Any, head: Any, names: Sequence[str]) -> Any:
+def _make_wrapper(model: Any, head_name: str, head: Any, names: Sequence[str]) -> Any:
     import torch
 
     pad_token_id = getattr(model.config, "pad_token_id", None)
@@ -164,9 +111,11 @@ def _make_wrapper(model: Any, head: Any, names: Sequence[str]) -> Any:
 
         def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             kwargs = dict(zip(names, tensors, strict=True))
-            with _capture_head_input(head) as captured:
+            with capture_head_input(head) as captured:
                 out = self.model(**kwargs, return_dict=True)
-            return out.logits, _pool(captured["hidden"], kwargs["input_ids"], pad_token_id)
+            return out.logits, pool_head_input(
+                captured["hidden"], kwargs["input_ids"], head_name, pad_token_id
+            )
 
     return LogitsAndPooled().eval()
 
@@ -202,7 +151,9 @@ def _export_torch(wrapper: Any, batch: dict[str, Any], names: Sequence[str], pat
     )
 
 
-def _export_optimum(model: Any, head: Any, names: Sequence[str], path: Path, opset: int) -> None:
+def _export_optimum(
+    model: Any, head_name: str, head: Any, names: Sequence[str], path: Path, opset: int
+) -> None:
     """Export through optimum, with its text-classification config extended by a ``pooled`` output.
 
     Raises ``LookupError`` when optimum cannot serve this model, which the caller turns into a
@@ -232,10 +183,10 @@ def _export_optimum(model: Any, head: Any, names: Sequence[str], path: Path, ops
 
             @functools.wraps(patched)  # optimum checks the dummy inputs against this signature
             def forward(*args: Any, **kwargs: Any) -> Any:
-                with _capture_head_input(head) as captured:
+                with capture_head_input(head) as captured:
                     outputs = patched(*args, **kwargs)
                 input_ids = kwargs.get("input_ids", args[0] if args else None)
-                outputs["pooled"] = _pool(captured["hidden"], input_ids, pad_token_id)  # type: ignore[arg-type]
+                outputs["pooled"] = pool_head_input(captured["hidden"], input_ids, head_name, pad_token_id)
                 return outputs
 
             setattr(self._model, self.orig_forward_name, forward)
@@ -333,11 +284,11 @@ def export_onnx(
 
     path = Path(out_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    head_name, head = _find_head(model)
+    head_name, head = head_of(model)
     names = _input_names(model, tokenizer)
     model.eval()
     batch = _sample_batch(tokenizer, names)
-    wrapper = _make_wrapper(model, head, names)
+    wrapper = _make_wrapper(model, head_name, head, names)
     with torch.no_grad():
         logits, pooled = wrapper(*(batch[n] for n in names))
 
@@ -346,7 +297,7 @@ def export_onnx(
         if exporter in ("auto", "optimum"):
             try:
                 _require("optimum.exporters.onnx")
-                _export_optimum(model, head, names, path, opset)
+                _export_optimum(model, head_name, head, names, path, opset)
                 _reorder_inputs(path, names)
                 from importlib import metadata
 

@@ -20,13 +20,18 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from darl_lite.errors import InputError
+from darl_lite.calibration import softmax
+from darl_lite.errors import DarlLiteError, InputError
 from darl_lite.metrics import macro_f1, ndcg_at_k, spearman
 from darl_lite.types import GRADE_GAINS
 
 logger = logging.getLogger(__name__)
 
 NDCG_K = 10
+
+
+class ParityError(DarlLiteError):
+    """The int8 model answers too differently from fp32; the export is refused and no bundle written."""
 
 
 @dataclass(frozen=True)
@@ -108,10 +113,7 @@ def _expected_relevance(logits: NDArray[np.float64], gains: NDArray[np.float64])
             f"logits have {logits.shape[1]} grade columns but gains has {len(gains)} entries; "
             "pass one gain per grade"
         )
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    weights = np.exp(shifted)
-    probs = weights / weights.sum(axis=1, keepdims=True)
-    result: NDArray[np.float64] = probs @ gains
+    result: NDArray[np.float64] = softmax(logits) @ gains
     return result
 
 

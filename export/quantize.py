@@ -45,6 +45,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from darl_lite.calibration import softmax
 from darl_lite.errors import InputError, MissingExtraError
 
 logger = logging.getLogger(__name__)
@@ -361,14 +362,6 @@ class NodeSensitivity:
         return asdict(self)
 
 
-def _softmax(logits: NDArray[np.floating]) -> NDArray[np.float64]:
-    z = np.asarray(logits, np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    result: NDArray[np.float64] = e / e.sum(axis=1, keepdims=True)
-    return result
-
-
 def sensitivity_sweep(
     fp32_path: str | os.PathLike[str],
     logits_of: Callable[[Path], NDArray[np.floating]],
@@ -402,7 +395,7 @@ def sensitivity_sweep(
     if not names:
         return []
     reference = np.asarray(logits_of(source), np.float64)
-    p_ref = _softmax(reference)
+    p_ref = softmax(reference)
     results = []
     with tempfile.TemporaryDirectory(prefix="darl-sweep-") as tmp:
         single = Path(tmp) / "single.onnx"
@@ -415,7 +408,7 @@ def sensitivity_sweep(
                     f"logits_of returned shape {logits.shape} for {name!r} but {reference.shape} for fp32; "
                     "it must score the same pairs every call"
                 )
-            p = _softmax(logits)
+            p = softmax(logits)
             kl = float(np.mean(np.sum(p_ref * (np.log(p_ref + 1e-12) - np.log(p + 1e-12)), axis=1)))
             agree = float(np.mean(np.argmax(logits, axis=1) == np.argmax(reference, axis=1)))
             results.append(NodeSensitivity(name, kl, agree))

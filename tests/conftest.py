@@ -13,6 +13,14 @@ from darl_lite.datasets import Splits, load_dbpedia
 from darl_lite.types import Pair
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A package of darl-lite[all] missing fails the run here instead of skipping its tests."""
+    from install_check import check_install
+
+    if (problem := check_install()) is not None:
+        pytest.exit(problem, returncode=1)
+
+
 @pytest.fixture(scope="session")
 def splits() -> Splits:
     return load_dbpedia(fold=0)

@@ -20,7 +20,8 @@ def test_score_prints_a_ranked_table(
         == 0
     )
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["expected", "grade", "ood", "routed", "item"]
+    assert out[0].split() == ["expected", "grade", "ood", "ood%", "routed", "item"]
+    assert all(line.split()[3].endswith("%") for line in out[1:])  # the OOD percentile beside the raw score
     assert len(out) == 4  # header + three non-empty items
     expected = [float(line.split()[0]) for line in out[1:]]
     assert expected == sorted(expected, reverse=True)

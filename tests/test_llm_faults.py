@@ -245,7 +245,8 @@ def test_concurrency_is_capped_and_connections_are_reused(fault: FaultServer) ->
 def test_breaker_opens_fails_fast_half_opens_and_closes(
     tiny_bundle_dir: Path, routing_all: RoutingPolicy, fault: FaultServer
 ) -> None:
-    breaker = CircuitBreaker(failure_threshold=2, reset_timeout_s=0.3)
+    now = [0.0]  # the breaker's clock, moved by hand: no sleeping through its reset timeout
+    breaker = CircuitBreaker(failure_threshold=2, reset_timeout_s=0.3, clock=lambda: now[0])
     fault.mode = "500"
     with _client(fault, breaker=breaker) as client:
         scorer = Scorer.load(tiny_bundle_dir, routing=routing_all, fallback=client)
@@ -260,13 +261,13 @@ def test_breaker_opens_fails_fast_half_opens_and_closes(
         assert time.monotonic() - start < 0.2
         assert "CircuitOpenError" in r.note and fault.requests == 2
 
-        time.sleep(0.35)  # half-open: one probe; it fails, so the breaker opens again
+        now[0] += 0.35  # half-open: one probe; it fails, so the breaker opens again
         assert breaker.state == "half_open"
         with pytest.raises(FallbackError, match="HTTP 500"):
             client(PAIRS)
         assert fault.requests == 3 and breaker.state == "open"
 
-        time.sleep(0.35)  # the next probe succeeds: closed, and the call's other pairs follow it
+        now[0] += 0.35  # the next probe succeeds: closed, and the call's other pairs follow it
         fault.mode = "ok"
         results = scorer.score("q", ITEMS)
         assert [r.source for r in results] == ["llm"] * 3
@@ -275,12 +276,13 @@ def test_breaker_opens_fails_fast_half_opens_and_closes(
 
 
 def test_breaker_lets_exactly_one_probe_through_among_concurrent_callers(fault: FaultServer) -> None:
-    breaker = CircuitBreaker(failure_threshold=1, reset_timeout_s=0.2)
+    now = [0.0]  # the breaker's clock, moved by hand
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout_s=0.2, clock=lambda: now[0])
     fault.mode = "500"
     with _client(fault, breaker=breaker) as client:
         with pytest.raises(FallbackError):
             client(PAIRS[:1])
-        time.sleep(0.25)
+        now[0] += 0.25
         fault.mode = "gated"  # the probe is held in flight until every other caller has been refused
         outcomes: list[str] = []
         lock = threading.Lock()
@@ -375,7 +377,9 @@ def test_closing_the_client_during_a_call_fails_that_call_cleanly(fault: FaultSe
 
     caller = threading.Thread(target=call)
     caller.start()
+    deadline = time.monotonic() + 10
     while fault.requests < 1:
+        assert time.monotonic() < deadline, "the call never reached the server"
         time.sleep(0.01)
     closer = threading.Thread(target=client.close)
     closer.start()

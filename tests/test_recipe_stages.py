@@ -15,11 +15,11 @@ pytest.importorskip("transformers")
 # --------------------------------------------------------------------------------------------------
 # Tiny models, tokenizers and data (the approach of tests/test_distill.py)
 from tiny_models import (  # noqa: E402
-    WORDS,
     bert_tokenizer,
     decoder_tokenizer,
     tiny_bert,
     tiny_qwen,
+    toy_pairs,
 )
 from transformers import (  # noqa: E402
     Qwen2ForSequenceClassification,
@@ -42,26 +42,6 @@ from darl_lite.errors import InputError  # noqa: E402
 from darl_lite.types import Pair  # noqa: E402
 
 BUILDERS = {"bert": (tiny_bert, bert_tokenizer), "qwen": (tiny_qwen, decoder_tokenizer)}
-
-
-def toy_pairs(n: int = 48, seed: int = 0) -> list[Pair]:
-    """Grade 2 when the item repeats the query word, 1 when it shares a 'topic' half, else 0."""
-    rng = np.random.default_rng(seed)
-    half = len(WORDS) // 2
-    pairs = []
-    for i in range(n):
-        q = int(rng.integers(len(WORDS)))
-        grade = i % 3
-        if grade == 2:
-            item = f"{WORDS[q]} {WORDS[(q + 1) % len(WORDS)]}"
-        elif grade == 1:
-            same = [w for j, w in enumerate(WORDS) if (j < half) == (q < half) and j != q]
-            item = " ".join(rng.choice(same, size=2 + i % 2))
-        else:
-            other = [w for j, w in enumerate(WORDS) if (j < half) != (q < half)]
-            item = " ".join(rng.choice(other, size=1 + i % 3))
-        pairs.append(Pair(WORDS[q], item, grade=grade, query_id=f"q{q}"))
-    return pairs
 
 
 def targets(pairs: list[Pair]) -> tuple[np.ndarray, np.ndarray]:

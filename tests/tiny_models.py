@@ -6,6 +6,7 @@ A word-level vocabulary over a few dozen words, BERT-style and decoder-style pai
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
@@ -16,7 +17,7 @@ from transformers import (
     Qwen2ForSequenceClassification,
 )
 
-from darl_lite.types import GRADE_NAMES
+from darl_lite.types import GRADE_NAMES, Pair
 
 _WORD_TEXT = (
     "szechwan dish food cuisine american chinese city river mountain band album song film actor "
@@ -101,3 +102,23 @@ def tiny_qwen(pad_token_id: int | None = 0) -> Qwen2ForSequenceClassification:
         eos_token_id=VOCAB["<eos>"],
     )
     return Qwen2ForSequenceClassification(config).eval()
+
+
+def toy_pairs(n: int = 48, seed: int = 0) -> list[Pair]:
+    """Grade 2 when the item repeats the query word, 1 when it shares a 'topic' half, else 0."""
+    rng = np.random.default_rng(seed)
+    half = len(WORDS) // 2
+    pairs = []
+    for i in range(n):
+        q = int(rng.integers(len(WORDS)))
+        grade = i % 3
+        if grade == 2:
+            item = f"{WORDS[q]} {WORDS[(q + 1) % len(WORDS)]}"
+        elif grade == 1:
+            same = [w for j, w in enumerate(WORDS) if (j < half) == (q < half) and j != q]
+            item = " ".join(rng.choice(same, size=2 + i % 2))
+        else:
+            other = [w for j, w in enumerate(WORDS) if (j < half) != (q < half)]
+            item = " ".join(rng.choice(other, size=1 + i % 3))
+        pairs.append(Pair(WORDS[q], item, grade=grade, query_id=f"q{q}"))
+    return pairs

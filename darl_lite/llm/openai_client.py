@@ -7,24 +7,10 @@ candidates (``choices[0].logprobs.top_logprobs[0]``, a ``{token: logprob}`` map;
 the grade tokens' logprobs into grade probabilities (:mod:`darl_lite.llm.prompt`).
 
 An instance is a :data:`darl_lite.Fallback`: ``client(pairs)`` returns one probability row per
-pair, in order. **One failed pair fails the whole call** (it raises :class:`FallbackError`): the
-scorer's contract is one array for all routed pairs and it rejects an array with holes anyway, so
-raising at the first failure stops the call's remaining requests, returns within the deadline, and
-gives the scorer a precise reason to keep the student's answers (in ``PairScore.note``).
-
-Robustness, in the order a request meets it:
-
-* **Circuit breaker** (:class:`~darl_lite.llm.breaker.CircuitBreaker`): while open, calls fail fast
-  with :class:`CircuitOpenError` and send nothing; half-open, the call's first pair is the probe.
-  It counts pairs, not attempts: a pair whose retries ran out, that got a 4xx, or whose answer was
-  unusable is one failure; any pair answered resets the count.
-* **Concurrency limit**: one bounded thread pool (``max_concurrency``) per client, shared by every
-  thread that calls it, so the LLM never sees more than that many requests from this client.
-* **Connection reuse**: one ``httpx.Client`` (thread-safe, keep-alive), created on first use.
-* **Per-request timeout** ``timeout_s`` (connect, read, write, pool), and a **call deadline**
-  ``call_timeout_s`` that bounds how long the caller waits, however many pairs are queued.
-* **Retries** with exponential backoff and jitter on connection errors, timeouts, 5xx, 408 and 429;
-  never on other 4xx (a bad model name or an over-long prompt does not heal) nor on an unusable answer.
+pair, in order. Timeouts, retries with backoff, the concurrency cap, the call deadline and the circuit
+breaker are :mod:`darl_lite.llm.transport`'s (shared with
+:class:`~darl_lite.llm.classify_client.ClassifyGradeClient`): here one request carries one pair, and
+**one failed pair fails the whole call** (:class:`FallbackError`).
 
 ``httpx`` comes with the ``llm`` extra; constructing a client without it raises
 :class:`~darl_lite.errors.MissingExtraError` (at configuration time, not silently at the first call).
@@ -33,20 +19,14 @@ Robustness, in the order a request meets it:
 from __future__ import annotations
 
 import logging
-import random
-import threading
-import time
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from types import ModuleType
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from darl_lite.errors import InputError, MissingExtraError
+from darl_lite.errors import InputError
 from darl_lite.llm.breaker import CircuitBreaker
-from darl_lite.llm.errors import CircuitOpenError, FallbackError
 from darl_lite.llm.prompt import (
     DEFAULT_GRADE_TOKENS,
     DEFAULT_PROMPT,
@@ -55,34 +35,13 @@ from darl_lite.llm.prompt import (
     grade_logprobs_from_top,
     grade_probabilities,
 )
+from darl_lite.llm.transport import HTTPTransport
+from darl_lite.llm.validate import check_int, check_pairs, server_root
 
 if TYPE_CHECKING:
     import httpx
 
 logger = logging.getLogger(__name__)
-
-#: HTTP statuses worth another attempt: server errors, request timeout, rate limiting.
-_RETRY_STATUS = frozenset({408, 429})
-
-
-def _import_httpx() -> ModuleType:
-    try:
-        import httpx
-    except ImportError as exc:
-        raise MissingExtraError.for_module("httpx", "llm") from exc
-    return httpx
-
-
-class _Abandoned(Exception):
-    """Internal: the call this request belonged to has already failed or the client is closing."""
-
-
-class _CallState:
-    """What the requests of one call share: its deadline and a flag raised when it is abandoned."""
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-        self.abandoned = threading.Event()
 
 
 class OpenAIGradeClient:
@@ -118,41 +77,49 @@ class OpenAIGradeClient:
         breaker: CircuitBreaker | None = None,
         extra_body: Mapping[str, Any] | None = None,
     ) -> None:
-        self._httpx = _import_httpx()
-        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise InputError(f"base_url must be an http:// or https:// URL; got {base_url!r}")
         if not isinstance(model, str) or not model:
             raise InputError(f"model must be the served model's name (see GET /v1/models); got {model!r}")
-        _check_int(top_logprobs, "top_logprobs", 1)
-        _check_int(max_concurrency, "max_concurrency", 1)
-        _check_int(retries, "retries", 0)
-        if not timeout_s > 0:
-            raise InputError(f"timeout_s must be > 0 seconds; got {timeout_s!r}")
-        if not backoff_s >= 0:
-            raise InputError(f"backoff_s must be >= 0 seconds; got {backoff_s!r}")
-        root = base_url.rstrip("/")
-        root = root[: -len("/v1")] if root.endswith("/v1") else root
+        check_int(top_logprobs, "top_logprobs", 1)
+        root = server_root(base_url)
+        self.transport = HTTPTransport(
+            f"{root}/v1/completions",
+            timeout_s=timeout_s,
+            call_timeout_s=call_timeout_s,
+            max_concurrency=max_concurrency,
+            retries=retries,
+            backoff_s=backoff_s,
+            api_key=api_key,
+            breaker=breaker,
+            unit="pair",
+        )
         self.base_url = root
-        self.endpoint = f"{root}/v1/completions"
+        self.endpoint = self.transport.endpoint
         self.model = model
         self.grade_tokens = check_grade_tokens(grade_tokens)
         self.prompt = PromptTemplate.coerce(prompt_template)
         self.top_logprobs = top_logprobs
-        self.timeout_s = float(timeout_s)
-        self.max_concurrency = max_concurrency
-        self.retries = retries
-        self.backoff_s = float(backoff_s)
-        worst = (retries + 1) * self.timeout_s + sum(self.backoff_s * 2**a for a in range(retries))
-        self.call_timeout_s = float(call_timeout_s) if call_timeout_s is not None else worst
-        if not self.call_timeout_s > 0:
-            raise InputError(f"call_timeout_s must be > 0 seconds or None; got {call_timeout_s!r}")
-        self.breaker = breaker if breaker is not None else CircuitBreaker()
         self.extra_body = dict(extra_body or {})
-        self._api_key = api_key
-        self._lock = threading.Lock()
-        self._http: httpx.Client | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._closing = threading.Event()
+
+    # Settings live on the transport; these read them where callers and tests look.
+    @property
+    def timeout_s(self) -> float:
+        return self.transport.timeout_s
+
+    @property
+    def call_timeout_s(self) -> float:
+        return self.transport.call_timeout_s
+
+    @property
+    def max_concurrency(self) -> int:
+        return self.transport.max_concurrency
+
+    @property
+    def retries(self) -> int:
+        return self.transport.retries
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self.transport.breaker
 
     # ----------------------------------------------------------------------------------------------
     def __call__(self, pairs: Sequence[tuple[str, str]]) -> NDArray[np.float64]:
@@ -161,159 +128,28 @@ class OpenAIGradeClient:
         Raises :class:`CircuitOpenError` at once while the breaker is open, and
         :class:`FallbackError` when any pair fails or the call deadline passes.
         """
-        pairs = _check_pairs(pairs)
-        out = np.empty((len(pairs), len(self.grade_tokens)), np.float64)
+        pairs = check_pairs(pairs)
         if not pairs:
-            return out
-        probe = self.breaker.acquire()  # raises CircuitOpenError: nothing is sent
-        call = _CallState(time.monotonic() + self.call_timeout_s)
-        probe_future: Future[NDArray[np.float64]] | None = None
-        try:
-            http, pool = self._ensure_open()
-            first = 0
-            if probe:  # half-open: the first pair alone decides whether the endpoint is back
-                futures = self._submit(pool, http, [0], pairs, call, probe=True)
-                probe_future = next(iter(futures))
-                self._collect(call, futures, out)
-                first = 1
-            self._collect(call, self._submit(pool, http, range(first, len(pairs)), pairs, call), out)
-        finally:
-            call.abandoned.set()  # stops retries of this call's stragglers; a no-op on success
-            if probe and (probe_future is None or probe_future.cancelled()):
-                self.breaker.release_probe()  # the probe never ran: let another caller probe
-        return out
+            return np.empty((0, len(self.grade_tokens)), np.float64)
+        bodies = [
+            {
+                **self.extra_body,
+                "model": self.model,
+                "prompt": self.prompt.render(*pair),
+                "max_tokens": 1,
+                "temperature": 0,
+                "logprobs": self.top_logprobs,
+            }
+            for pair in pairs
+        ]
+        rows = self.transport.run(bodies, self._parse, [f"routed pair {i}" for i in range(len(pairs))])
+        return np.stack(rows).astype(np.float64, copy=False)
 
-    def _submit(
-        self,
-        pool: ThreadPoolExecutor,
-        http: httpx.Client,
-        indices: Iterable[int],
-        pairs: list[tuple[str, str]],
-        call: _CallState,
-        probe: bool = False,
-    ) -> dict[Future[NDArray[np.float64]], int]:
-        try:
-            return {pool.submit(self._grade_one, http, i, pairs[i], call, probe): i for i in indices}
-        except RuntimeError as exc:  # "cannot schedule new futures after shutdown"
-            raise FallbackError("the client was closed during the call") from exc
+    def health(self) -> dict[str, Any]:
+        """Breaker state, counts and latencies (:meth:`HTTPTransport.health`), plus protocol and model."""
+        return {"protocol": "completions", "model": self.model, **self.transport.health()}
 
-    def _collect(
-        self, call: _CallState, futures: dict[Future[NDArray[np.float64]], int], out: NDArray[np.float64]
-    ) -> None:
-        """Wait for a batch of pair requests until the deadline; the first failure fails the call.
-
-        Waits on done-callbacks rather than ``concurrent.futures.wait``, because a future that
-        ``close()`` cancels (``shutdown(cancel_futures=True)``) runs its callbacks but never wakes
-        ``wait``: the call would sit out its whole deadline.
-        """
-        if not futures:
-            return
-        finished: list[Future[NDArray[np.float64]]] = []
-        changed = threading.Condition()
-
-        def on_done(future: Future[NDArray[np.float64]]) -> None:
-            with changed:
-                finished.append(future)
-                changed.notify()
-
-        for future in futures:
-            future.add_done_callback(on_done)
-        remaining = set(futures)
-        while remaining:
-            with changed:
-                while not finished and changed.wait(max(0.0, call.deadline - time.monotonic())):
-                    pass
-                batch, finished[:] = finished[:], []
-            if not batch:  # the deadline passed
-                self._abandon(call, remaining)
-                raise FallbackError(
-                    f"{len(remaining)} of {len(futures)} pairs unanswered when the call deadline of "
-                    f"{self.call_timeout_s:.2f} s passed ({self.endpoint}); raise call_timeout_s or "
-                    "max_concurrency, or route fewer pairs"
-                )
-            for future in sorted(batch, key=futures.__getitem__):
-                remaining.discard(future)
-                exc = None if future.cancelled() else future.exception()
-                if future.cancelled() or isinstance(exc, _Abandoned):
-                    self._abandon(call, remaining)
-                    raise FallbackError("the client was closed during the call")
-                if exc is not None:
-                    self._abandon(call, remaining)
-                    raise exc
-                out[futures[future]] = future.result()
-
-    @staticmethod
-    def _abandon(call: _CallState, pending: Iterable[Future[NDArray[np.float64]]]) -> None:
-        call.abandoned.set()
-        for future in pending:
-            future.cancel()
-
-    def _grade_one(
-        self, http: httpx.Client, index: int, pair: tuple[str, str], call: _CallState, probe: bool
-    ) -> NDArray[np.float64]:
-        """One pair: request, retries, parsing; reports the pair's outcome to the breaker."""
-        httpx = self._httpx
-        body = {
-            **self.extra_body,
-            "model": self.model,
-            "prompt": self.prompt.render(*pair),
-            "max_tokens": 1,
-            "temperature": 0,
-            "logprobs": self.top_logprobs,
-        }
-        reported = False
-        try:
-            error = ""
-            attempts = 0
-            for attempt in range(self.retries + 1):
-                if call.abandoned.is_set() or self._closing.is_set():
-                    raise _Abandoned
-                if not self.breaker.allows(probe):
-                    raise CircuitOpenError(f"circuit breaker opened while pair {index} waited; not sent")
-                remaining = call.deadline - time.monotonic()
-                if remaining <= 0:
-                    error = f"call deadline of {self.call_timeout_s:.2f} s passed"
-                    break
-                timeout = min(self.timeout_s, remaining)
-                attempts += 1
-                retryable = True
-                try:
-                    response = http.post(self.endpoint, json=body, timeout=timeout)
-                except httpx.TimeoutException as exc:
-                    error = f"timed out after {timeout:.2f} s ({type(exc).__name__})"
-                except httpx.TransportError as exc:
-                    error = f"{type(exc).__name__}: {exc}"
-                else:
-                    status = response.status_code
-                    if status >= 400:
-                        error = f"HTTP {status}: {response.text[:200]!r}"
-                        retryable = status >= 500 or status in _RETRY_STATUS
-                    else:
-                        try:
-                            probs = self._parse(response)
-                        except ValueError as exc:
-                            error = f"unusable answer: {exc}"
-                            retryable = False
-                        else:
-                            self.breaker.record_success()
-                            reported = True
-                            return probs
-                logger.debug("pair %d attempt %d failed: %s", index, attempt + 1, error)
-                if not retryable or attempt == self.retries:
-                    break
-                delay = self.backoff_s * 2**attempt * (0.5 + 0.5 * random.random())
-                if call.abandoned.wait(min(delay, max(0.0, call.deadline - time.monotonic()))):
-                    raise _Abandoned
-            self.breaker.record_failure(error)
-            reported = True
-            raise FallbackError(
-                f"routed pair {index}: {error} after {attempts} attempt(s) (POST {self.endpoint})"
-            )
-        finally:
-            if probe and not reported:
-                self.breaker.release_probe()
-
-    def _parse(self, response: httpx.Response) -> NDArray[np.float64]:
+    def _parse(self, response: httpx.Response, _body: Mapping[str, Any]) -> NDArray[np.float64]:
         """Grade probabilities from one completion; ``ValueError`` saying what was wrong otherwise."""
         try:
             data = response.json()
@@ -353,32 +189,9 @@ class OpenAIGradeClient:
         return grade_probabilities(grade_lp)
 
     # ----------------------------------------------------------------------------------------------
-    def _ensure_open(self) -> tuple[httpx.Client, ThreadPoolExecutor]:
-        with self._lock:
-            if self._http is None or self._pool is None:
-                httpx = self._httpx
-                headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-                self._closing.clear()
-                self._http = httpx.Client(
-                    headers=headers,
-                    timeout=httpx.Timeout(self.timeout_s),
-                    limits=httpx.Limits(
-                        max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency
-                    ),
-                )
-                self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="darl-llm")
-            return self._http, self._pool
-
     def close(self) -> None:
         """Stop pending work, wait for in-flight requests (at most ``timeout_s``), close connections."""
-        with self._lock:
-            http, pool = self._http, self._pool
-            self._http = self._pool = None
-            self._closing.set()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        if http is not None:
-            http.close()
+        self.transport.close()
 
     def __enter__(self) -> OpenAIGradeClient:
         return self
@@ -391,24 +204,8 @@ class OpenAIGradeClient:
             f"OpenAIGradeClient(base_url={self.base_url!r}, model={self.model!r}, "
             f"grade_tokens={self.grade_tokens!r}, timeout_s={self.timeout_s}, "
             f"max_concurrency={self.max_concurrency}, retries={self.retries}, "
-            f"api_key={'<set>' if self._api_key else None}, breaker={self.breaker!r})"
+            f"api_key={'<set>' if self.transport.has_api_key else None}, breaker={self.breaker!r})"
         )
-
-
-def _check_int(value: object, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InputError(f"{name} must be an int >= {minimum}; got {value!r}")
-
-
-def _check_pairs(pairs: object) -> list[tuple[str, str]]:
-    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
-        raise InputError(f"pairs must be a list of (query, item) tuples; got {type(pairs).__name__}")
-    out: list[tuple[str, str]] = []
-    for i, pair in enumerate(pairs):
-        if not (isinstance(pair, Sequence) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
-            raise InputError(f"pairs[{i}] must be a (query, item) tuple of two strings; got {pair!r:.80}")
-        out.append((pair[0], pair[1]))
-    return out
 
 
 __all__ = ["OpenAIGradeClient"]

@@ -1,0 +1,124 @@
+"""One call's routing plan: which pairs go to the teacher, decided the same way on a node and in evaluation.
+
+:func:`plan_call` is pure apart from the sliding-window budget it draws on. The scorer runs it on
+every call; the mixed-stream evaluation (:mod:`darl_lite.mixed_stream`) runs it on recorded student
+outputs, so what is measured is what a node does. The order:
+
+1. each pair's query is assigned a kind of shift (or none); the student's probabilities are its
+   logits through the bundle's temperature (they rank a list), and its grade decision adds that
+   kind's grade-prior correction to the logits (it moves the grade, never the ranking);
+2. **whole lists**: every query of a kind on which the teacher ranks better goes to the teacher
+   with all its pairs, if the window budget grants the whole list (all or nothing: a list is never
+   a mix of two models);
+3. **pairs**: of the rest, the pairs the routing policy wants (the student is likely wrong), most
+   urgent first, within the per-call cap and what the window budget grants beyond the reserve kept
+   for whole lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from darl_lite.budget import RouteBudget
+from darl_lite.calibration import softmax
+from darl_lite.routing import RoutingPolicy, most_urgent
+from darl_lite.shift_routing import QueryAssignment, ShiftRouting
+
+#: Notes of pairs routing wanted but a budget refused.
+NOTE_CALL_BUDGET = "routing budget exhausted: student answer kept"
+NOTE_WINDOW_BUDGET = "sliding-window routing budget exhausted: student answer kept"
+NOTE_LIST_BUDGET = "shifted query: the window budget could not take its whole list; student answer kept"
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """The routing plan of one call, per pair."""
+
+    student: NDArray[np.float64]  # calibrated student probabilities (they rank a list)
+    grades: NDArray[np.intp]  # the student's grade decisions, after its kind's prior correction
+    candidate: NDArray[np.bool_]  # routing wanted the teacher (as a list or as a pair)
+    routed: NDArray[np.bool_]  # and the budgets allowed it
+    list_routed: NDArray[np.bool_]  # routed as part of a whole shifted list
+    urgency: NDArray[np.float64]
+    query_shift: NDArray[np.float64]  # the query's shift probability (0 without a detector)
+    notes: list[str]
+
+
+def plan_call(
+    logits: NDArray[np.floating],
+    ood_scores: NDArray[np.floating],
+    queries: Sequence[str],
+    *,
+    temperature: float,
+    policy: RoutingPolicy,
+    shift: ShiftRouting | None = None,
+    budget: RouteBudget | None = None,
+) -> CallPlan:
+    """Plan one call (see the module docstring); draws on ``budget`` once per list and once for pairs."""
+    n = len(queries)
+    assignment = (
+        shift.assign(queries) if shift is not None else QueryAssignment(np.full(n, -1, np.intp), np.zeros(n))
+    )
+    student = softmax(logits, temperature)
+    adjusted = shift.adjust_logits(logits, assignment) if shift is not None else np.asarray(logits)
+    grades = adjusted.argmax(axis=1) if n else np.zeros(0, np.intp)
+    notes = [""] * n
+    lists = shift.list_candidates(assignment) if shift is not None else np.zeros(n, bool)
+    list_routed = _route_lists(queries, lists, budget, notes)
+
+    decision = policy.decide(student, np.asarray(ood_scores, np.float64))
+    allowed = ~lists & (shift.pair_routing_allowed(assignment) if shift is not None else True)
+    pair_candidates = decision.candidate & allowed
+    cap = int(np.floor(policy.max_route_fraction * n + 1e-9))
+    pairs = (
+        most_urgent(decision.urgency, pair_candidates, cap)
+        if pair_candidates.sum() > cap
+        else pair_candidates
+    )
+    for i in np.flatnonzero(pair_candidates & ~pairs):
+        notes[i] = NOTE_CALL_BUDGET
+    if budget is not None:
+        rest = int((~lists).sum())
+        wanted = int(pairs.sum())
+        reserve = shift.list_reserve_pairs if shift is not None and any(k.route_lists for k in shift.kinds) else 0
+        granted = budget.acquire(rest, wanted, reserve=reserve)
+        if granted < wanted:
+            kept = most_urgent(decision.urgency, pairs, granted)
+            for i in np.flatnonzero(pairs & ~kept):
+                notes[i] = NOTE_WINDOW_BUDGET
+            pairs = kept
+    return CallPlan(
+        student=student,
+        grades=grades,
+        candidate=lists | pair_candidates,
+        routed=list_routed | pairs,
+        list_routed=list_routed,
+        urgency=decision.urgency,
+        query_shift=assignment.probability,
+        notes=notes,
+    )
+
+
+def _route_lists(
+    queries: Sequence[str], lists: NDArray[np.bool_], budget: RouteBudget | None, notes: list[str]
+) -> NDArray[np.bool_]:
+    routed = np.zeros(len(queries), bool)
+    if not lists.any():
+        return routed
+    q = np.asarray(queries, dtype=object)
+    for query in dict.fromkeys(q[lists].tolist()):
+        rows = lists & (q == query)
+        size = int(rows.sum())
+        if budget is None or budget.acquire(size, size, all_or_nothing=True) == size:
+            routed |= rows
+        else:
+            for i in np.flatnonzero(rows):
+                notes[i] = NOTE_LIST_BUDGET
+    return routed
+
+
+__all__ = ["NOTE_CALL_BUDGET", "NOTE_LIST_BUDGET", "NOTE_WINDOW_BUDGET", "CallPlan", "plan_call"]

@@ -1,0 +1,346 @@
+"""Fit a kind of shift from evidence: its detector, the student's prior correction, and whether to route.
+
+One function, :func:`fit_shift_kind`, serves the export (training queries vs the unlabeled
+``ood_train`` pool, evidence from dev + ood_dev) and a user's refit (their own graded pairs and the
+teacher's grades for them, ``darl-lite refit-routing``). Everything is decided on the graded pairs
+given here, never on test data:
+
+1. the domain classifier's L2 strength, by query-level AUROC (in-distribution vs that kind's
+   queries) on the graded pairs, or by a held-out split of the fitting queries when the graded pairs
+   hold only one side;
+2. the student's logit bias on that kind's queries, by macro-F1 on their graded pairs (a small grid,
+   the smallest correction within 0.005 of the best);
+3. ``route_lists``: the teacher's per-query NDCG@10 gain over the corrected student on those
+   queries, with a bootstrap interval; lists are routed only when its lower bound is above zero;
+4. ``route_pairs``: whether per-pair uncertainty routing at the bundle's threshold raises macro-F1
+   there without lowering NDCG@10.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import product
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from darl_lite.calibration import softmax
+from darl_lite.errors import InputError
+from darl_lite.metrics import auroc, macro_f1, ndcg_at_k, per_class_f1
+from darl_lite.shift import fit_query_shift
+from darl_lite.shift_routing import ShiftKind
+
+logger = logging.getLogger(__name__)
+
+L2_GRID: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
+BIAS_GRID: tuple[float, ...] = tuple(np.round(np.arange(-1.0, 3.01, 0.25), 2).tolist())
+
+
+@dataclass(frozen=True)
+class GradedEvidence:
+    """Graded pairs with the student's raw logits and the teacher's probabilities for them."""
+
+    queries: Sequence[str]
+    grades: NDArray[np.int64]
+    student_logits: NDArray[np.float64]
+    teacher_probs: NDArray[np.float64]
+    temperature: float
+    gains: Sequence[float]
+
+    def __post_init__(self) -> None:
+        n = len(self.queries)
+        shapes = {len(self.grades), len(self.student_logits), len(self.teacher_probs)}
+        if shapes != {n}:
+            raise InputError(f"graded evidence arrays differ in length: {sorted(shapes | {n})}")
+
+    def subset(self, mask: NDArray[np.bool_]) -> GradedEvidence:
+        index = np.flatnonzero(mask)
+        return GradedEvidence(
+            [self.queries[i] for i in index.tolist()],
+            self.grades[index],
+            self.student_logits[index],
+            self.teacher_probs[index],
+            self.temperature,
+            self.gains,
+        )
+
+
+def per_query_ndcg(
+    probs: NDArray[np.floating],
+    grades: NDArray[np.integer],
+    queries: Sequence[str],
+    gains: Sequence[float],
+    k: int = 10,
+) -> dict[str, float]:
+    """NDCG@k of each query's list, ranked by expected relevance."""
+    expected = np.asarray(probs, np.float64) @ np.asarray(gains, np.float64)
+    out: dict[str, float] = {}
+    q = np.asarray(queries, dtype=object)
+    for query in dict.fromkeys(queries):
+        rows = q == query
+        out[query] = ndcg_at_k([query] * int(rows.sum()), grades[rows], expected[rows], k=k, gains=gains)
+    return out
+
+
+def bootstrap_mean_interval(
+    values: Sequence[float], *, seed: int = 0, draws: int = 2000, level: float = 0.90
+) -> tuple[float, float]:
+    """A two-sided percentile bootstrap interval of the mean (resampling queries)."""
+    x = np.asarray(values, np.float64)
+    if len(x) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(draws, len(x)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def choose_l2(
+    reference: Sequence[str],
+    pool: Sequence[str],
+    eval_in: Sequence[str],
+    eval_kind: Sequence[str],
+    grid: Sequence[float] = L2_GRID,
+) -> tuple[float, dict[str, float]]:
+    """The L2 strength with the best query AUROC on the eval queries (ties: the strongest)."""
+    if not eval_in or not eval_kind:  # one side only: hold out a fifth of the fitting queries
+        rng = np.random.default_rng(0)
+        ref, pl = np.asarray(sorted(set(reference))), np.asarray(sorted(set(pool)))
+        ref_out, pl_out = rng.random(len(ref)) < 0.2, rng.random(len(pl)) < 0.2
+        if ref_out.sum() == 0 or pl_out.sum() == 0 or ref_out.all() or pl_out.all():
+            return 0.1, {}
+        fit_ref, fit_pool = ref[~ref_out].tolist(), pl[~pl_out].tolist()
+        eval_in, eval_kind = ref[ref_out].tolist(), pl[pl_out].tolist()
+    else:
+        fit_ref, fit_pool = list(reference), list(pool)
+    scores: dict[str, float] = {}
+    best = (-1.0, 0.0)
+    for l2 in grid:
+        det = fit_query_shift(fit_ref, fit_pool, l2=l2)
+        a = auroc(det.probabilities(sorted(set(eval_in))), det.probabilities(sorted(set(eval_kind))))
+        scores[str(l2)] = round(a, 4)
+        if a >= best[0] - 1e-12:
+            best = (a, l2)
+    return best[1], scores
+
+
+def fit_logit_bias(
+    ev: GradedEvidence, applies: NDArray[np.bool_] | None = None, grid: Sequence[float] = BIAS_GRID
+) -> tuple[tuple[float, ...], float, float]:
+    """``(bias, macro-F1 before, after)``: the grade-prior correction of the student for one kind.
+
+    The bias is added to the logits of the pairs in ``applies`` (the kind's; default all) and
+    macro-F1 is measured over *all* of ``ev``'s pairs, so a correction that helps the kind but
+    floods mixed traffic with a rare grade is not chosen. It moves the grade *decision*
+    (``argmax(logits + bias)``), never the probabilities that rank a list, so it cannot cost NDCG.
+    Grade 0's bias stays 0 (only differences matter); the others come from ``grid``. Among biases
+    within 0.005 macro-F1 of the best, the smallest (L1) wins: a correction needs its evidence.
+    """
+    n_classes = ev.student_logits.shape[1]
+    rows = np.ones(len(ev.grades), bool) if applies is None else np.asarray(applies, bool)
+    base = macro_f1(ev.grades, ev.student_logits.argmax(1), n_classes)
+    candidates = []
+    for rest in product(grid, repeat=n_classes - 1):
+        bias = np.asarray((0.0, *rest))
+        f1 = macro_f1(ev.grades, (ev.student_logits + rows[:, None] * bias).argmax(1), n_classes)
+        candidates.append((f1, -float(np.abs(bias).sum()), tuple(float(b) for b in bias)))
+    best_f1 = max(c[0] for c in candidates)
+    f1, _, chosen = max((c for c in candidates if c[0] >= best_f1 - 0.005), key=lambda c: (c[1], c[0]))
+    if f1 <= base:
+        return tuple(0.0 for _ in range(n_classes)), base, base
+    return chosen, base, f1
+
+
+def fit_shift_kind(
+    name: str,
+    *,
+    reference_queries: Sequence[str],
+    pool_queries: Sequence[str],
+    evidence: GradedEvidence,
+    evidence_is_kind: NDArray[np.bool_] | None = None,
+    error_threshold: float = 1.0,
+    threshold: float = 0.5,
+    seed: int = 0,
+) -> ShiftKind:
+    """Fit one kind of shift (see the module docstring). ``evidence_is_kind`` marks the graded pairs
+    known to be of this kind (e.g. ood_dev against dev); None means all of them are."""
+    is_kind = (
+        np.ones(len(evidence.queries), bool) if evidence_is_kind is None else np.asarray(evidence_is_kind)
+    )
+    queries = np.asarray(evidence.queries, dtype=object)
+    l2, l2_scores = choose_l2(
+        reference_queries, pool_queries, sorted(set(queries[~is_kind])), sorted(set(queries[is_kind]))
+    )
+    detector = fit_query_shift(reference_queries, pool_queries, l2=l2)
+    assigned = detector.probabilities(evidence.queries) >= threshold
+    record: dict[str, Any] = {
+        "l2": l2,
+        "l2_auroc": l2_scores,
+        "graded_queries": len(set(evidence.queries)),
+        "assigned_queries": len(set(queries[assigned])),
+    }
+    if len(set(queries[~is_kind])) and len(set(queries[is_kind])):
+        record["query_auroc"] = round(
+            auroc(
+                detector.probabilities(sorted(set(queries[~is_kind]))),
+                detector.probabilities(sorted(set(queries[is_kind]))),
+            ),
+            4,
+        )
+    if not assigned.any():
+        logger.warning("shift kind %r: no graded query is assigned to it; it routes nothing", name)
+        return ShiftKind(
+            name,
+            detector,
+            threshold,
+            False,
+            False,
+            None,
+            {**record, "decision": "no evidence"},
+            tuple(sorted(set(pool_queries))),
+        )
+    bias, f1_before, f1_after = fit_logit_bias(evidence, assigned)
+    decided = (evidence.student_logits + _cross_fitted_bias(evidence, assigned, seed)).argmax(axis=1)[
+        assigned
+    ]
+    ev = evidence.subset(assigned)
+    record.update(_gain_evidence(ev, decided, error_threshold, seed))
+    record.update({"logit_bias_macro_f1": [round(f1_before, 4), round(f1_after, 4)]})
+    route_lists = record["ndcg_gain_ci90"][0] > 0.0
+    route_pairs = record["pair_routing_macro_f1_gain"] > 0.0 and record["pair_routing_ndcg_gain"] >= 0.0
+    record["decision"] = ("route whole lists" if route_lists else "keep lists on the student") + (
+        "; per-pair routing on" if route_pairs else "; per-pair routing off"
+    )
+    return ShiftKind(
+        name,
+        detector,
+        threshold,
+        route_lists,
+        route_pairs,
+        bias if any(bias) else None,
+        record,
+        tuple(sorted(set(pool_queries))),
+    )
+
+
+def _cross_fitted_bias(ev: GradedEvidence, applies: NDArray[np.bool_], seed: int) -> NDArray[np.float64]:
+    """Per pair, the kind's logit bias fitted on the other half of the queries (two folds by query;
+    0 outside the kind), so the evidence compares the teacher with a corrected student that has not
+    seen the pairs it is judged on."""
+    distinct = list(dict.fromkeys(ev.queries))
+    fold_of = dict(zip(distinct, np.random.default_rng(seed).permutation(len(distinct)) % 2, strict=True))
+    fold = np.asarray([fold_of[q] for q in ev.queries])
+    out = np.zeros_like(ev.student_logits)
+    for f in (0, 1):
+        train = fold != f
+        if not (applies & train).any() or train.all():
+            bias = np.asarray(fit_logit_bias(ev, applies)[0])
+        else:
+            bias = np.asarray(fit_logit_bias(ev.subset(train), applies[train])[0])
+        out[(fold == f) & applies] = bias
+    return out
+
+
+def _gain_evidence(
+    ev: GradedEvidence, decided: NDArray[np.intp], error_threshold: float, seed: int
+) -> dict[str, Any]:
+    """Teacher minus student on these pairs: per query NDCG@10 (with an interval) and macro-F1.
+
+    The student ranks by its calibrated probabilities and grades by ``decided`` (its prior-corrected
+    decisions, cross-fitted); per-pair routing is judged at the bundle's ``error_threshold``.
+    """
+    student = softmax(ev.student_logits, ev.temperature)
+    s_ndcg = per_query_ndcg(student, ev.grades, ev.queries, ev.gains)
+    t_ndcg = per_query_ndcg(ev.teacher_probs, ev.grades, ev.queries, ev.gains)
+    diffs = [t_ndcg[q] - s_ndcg[q] for q in s_ndcg]
+    queries = list(ev.queries)
+    s_rep = graded_report(student, decided, ev.grades, queries, ev.gains)
+    t_rep = graded_report(ev.teacher_probs, ev.teacher_probs.argmax(1), ev.grades, queries, ev.gains)
+    routed = (1.0 - student.max(axis=1)) > error_threshold
+    mixed = np.where(routed[:, None], ev.teacher_probs, student)
+    m_rep = graded_report(
+        mixed, np.where(routed, ev.teacher_probs.argmax(1), decided), ev.grades, queries, ev.gains
+    )
+    lo, hi = bootstrap_mean_interval(diffs, seed=seed)
+    return {
+        "pairs": len(ev.queries),
+        "student": {k: round(v, 4) for k, v in s_rep.items()},
+        "teacher": {k: round(v, 4) for k, v in t_rep.items()},
+        "ndcg_gain": round(float(np.mean(diffs)), 4),
+        "ndcg_gain_ci90": [round(lo, 4), round(hi, 4)],
+        "macro_f1_gain": round(t_rep["macro_f1"] - s_rep["macro_f1"], 4),
+        "pair_routing_rate": round(float(routed.mean()), 4),
+        "pair_routing_macro_f1_gain": round(m_rep["macro_f1"] - s_rep["macro_f1"], 4),
+        "pair_routing_ndcg_gain": round(m_rep["ndcg@10"] - s_rep["ndcg@10"], 4),
+    }
+
+
+def graded_report(
+    probs: NDArray[np.floating],
+    decided: NDArray[np.integer],
+    grades: NDArray[np.integer],
+    queries: Sequence[str],
+    gains: Sequence[float],
+) -> dict[str, float]:
+    """macro-F1 and F1 of the top grade from the decided grades; NDCG@10 from the probabilities' ranking."""
+    n_classes = np.shape(probs)[1]
+    expected = np.asarray(probs, np.float64) @ np.asarray(gains, np.float64)
+    return {
+        "macro_f1": macro_f1(grades, decided, n_classes),
+        "f1_top_grade": float(per_class_f1(grades, decided, n_classes)[-1]),
+        "ndcg@10": ndcg_at_k(list(queries), grades, expected, k=10, gains=gains),
+    }
+
+
+def graded_evidence(
+    scorer: Any,
+    queries: Sequence[str],
+    items: Sequence[str],
+    grades: Sequence[int],
+    teacher_probs: NDArray[np.floating],
+) -> GradedEvidence:
+    """Run the bundle's student on graded pairs and pair its raw logits with the teacher's grades."""
+    if not (len(queries) == len(items) == len(grades) == len(teacher_probs)):
+        raise InputError(
+            f"graded pairs and teacher grades differ in length: {len(queries)} queries, {len(items)} "
+            f"items, {len(grades)} grades, {len(teacher_probs)} teacher rows"
+        )
+    arrays = scorer.model.run(list(queries), list(items))
+    return GradedEvidence(
+        list(queries),
+        np.asarray(grades, np.int64),
+        np.asarray(arrays.logits, np.float64),
+        np.asarray(teacher_probs, np.float64),
+        scorer.temperature,
+        scorer.bundle.grade_gains,
+    )
+
+
+def write_with_shift_routing(bundle: Any, shift: Any, out_dir: str, *, overwrite: bool = False) -> Any:
+    """A new bundle at ``out_dir`` (may be the bundle's own directory): the same files plus ``shift``
+    as its shift routing file, the manifest's ``routing.shift`` summary, every file re-hashed."""
+    import tempfile
+    from pathlib import Path
+
+    from darl_lite.bundle import write_bundle
+    from darl_lite.shift_routing import ROLE_SHIFT
+
+    files = {
+        role: bundle.directory / e["path"]
+        for role, e in bundle.manifest["files"].items()
+        if role != ROLE_SHIFT
+    }
+    manifest = {k: v for k, v in bundle.manifest.items() if k not in ("files", "created", "package_versions")}
+    manifest["routing"] = {
+        **manifest.get("routing", {}),
+        "shift": shift.summary(),
+        "list_reserve_pairs": shift.list_reserve_pairs,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "shift_routing.json"
+        shift.save(str(path))
+        files[ROLE_SHIFT] = path
+        return write_bundle(out_dir, files, manifest, overwrite=overwrite)

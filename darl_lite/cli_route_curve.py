@@ -1,0 +1,151 @@
+"""``darl-lite route-curve``: quality against route rate on a shipped split, or on mixed traffic."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def _parse_fractions(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected numbers in [0, 1], got {text!r}")
+    return values
+
+
+def register(sub: Any) -> None:
+    curve = sub.add_parser(
+        "route-curve",
+        allow_abbrev=False,
+        help="quality vs route rate: the router against random routing at equal rates",
+        description="Per split: quality when the most urgent pairs go to the teacher, against random "
+        "routing at equal rates. With --mixed: streams of in-distribution and shifted requests under a "
+        "budget, every contender (student, teacher, random, uncertainty router, cascade).",
+    )
+    curve.add_argument("bundle")
+    curve.add_argument("--teacher", default=None, help="teacher outputs file (default: the shipped one)")
+    curve.add_argument("--split", default="ood_test", choices=["ood_test", "id_test", "dev", "ood_dev"])
+    curve.add_argument(
+        "--rates", type=_parse_fractions, default=[0.0, 0.05, 0.1, 0.2], help="e.g. 0,0.05,0.1,0.2"
+    )
+    curve.add_argument(
+        "--rule", default=None, choices=["expected_error", "threshold_excess"], help="override"
+    )
+    curve.add_argument("--mixed", action="store_true", help="evaluate mixed streams instead of one split")
+    curve.add_argument(
+        "--mixed-splits",
+        default="id_test,ood_test",
+        help="in-distribution,shifted splits (default id_test,ood_test)",
+    )
+    curve.add_argument(
+        "--shares", type=_parse_fractions, default=[0.1, 0.3], help="shifted shares s, e.g. 0.1,0.3"
+    )
+    curve.add_argument("--budgets", type=_parse_fractions, default=[0.05, 0.1, 0.2], help="budgets B")
+    curve.add_argument("--draws", type=int, default=5, help="streams drawn per share (default 5)")
+    curve.add_argument("--fold", type=int, default=0, choices=range(5))
+    curve.add_argument("--precision", default="int8", choices=["int8", "fp32"])
+    curve.add_argument("--threads", type=int, default=0)
+    curve.add_argument("--repeats", type=int, default=10, help="random draws averaged (default 10)")
+    curve.add_argument("--seed", type=int, default=0)
+    curve.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    curve.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from darl_lite.datasets import load_dbpedia
+    from darl_lite.inference import SessionConfig
+    from darl_lite.scorer import Scorer
+    from darl_lite.teacher_file import FileTeacher, shipped_teacher_path
+
+    splits = load_dbpedia(fold=args.fold)
+    teacher = FileTeacher.from_file(args.teacher or shipped_teacher_path())
+    scorer = Scorer.load(
+        args.bundle, precision=args.precision, session=SessionConfig(intra_op_threads=args.threads)
+    )
+    if args.rule:
+        from darl_lite.routing import RoutingPolicy
+
+        scorer.routing = RoutingPolicy.from_manifest(scorer.bundle.manifest, args.precision, rule=args.rule)
+    if args.mixed:
+        return _mixed(args, splits, teacher, scorer)
+    return _single(args, splits, teacher, scorer)
+
+
+def _mixed(args: argparse.Namespace, splits: Any, teacher: Any, scorer: Any) -> int:
+    from darl_lite.errors import InputError
+    from darl_lite.mixed_stream import detection_line, mixed_report, mixed_table
+
+    names = [s.strip() for s in args.mixed_splits.split(",")]
+    if len(names) != 2:
+        raise InputError(
+            f"--mixed-splits takes two splits (in-distribution,shifted), got {args.mixed_splits!r}"
+        )
+    id_pairs, shifted = list(splits.split(names[0])), list(splits.split(names[1]))
+    report = mixed_report(
+        scorer,
+        id_pairs,
+        shifted,
+        teacher.predict_proba(id_pairs),
+        teacher.predict_proba(shifted),
+        shares=args.shares,
+        budgets=args.budgets,
+        draws=args.draws,
+        seed=args.seed,
+    )
+    if args.json:
+        print(json.dumps({"splits": names, **report}, indent=2))
+        return 0
+    print(f"{names[0]} (in-distribution) + {names[1]} (shifted)")
+    print(detection_line(report["detection"]))
+    print("\n".join(mixed_table(report["streams"])))
+    return 0
+
+
+def _single(args: argparse.Namespace, splits: Any, teacher: Any, scorer: Any) -> int:
+    import numpy as np
+
+    from darl_lite.metrics import grading_report
+    from darl_lite.route_curve import route_curve
+
+    pairs = list(splits.split(args.split))
+    scored = scorer.score_arrays([p.query for p in pairs], [p.item for p in pairs])
+    grades = np.asarray([p.grade for p in pairs])
+    query_ids = [p.query_id or p.query for p in pairs]
+    teacher_probs = teacher.predict_proba(pairs)
+    rows = route_curve(
+        scored.student_probabilities,
+        teacher_probs,
+        scorer.routing.urgency(scored.student_probabilities, scored.ood_scores),
+        grades,
+        query_ids,
+        rates=args.rates,
+        seed=args.seed,
+        gains=scorer.bundle.grade_gains,
+        random_repeats=args.repeats,
+    )
+    full = grading_report(teacher_probs, grades, query_ids, gains=scorer.bundle.grade_gains)
+    if args.json:
+        print(
+            json.dumps(
+                {"split": args.split, "rule": scorer.routing.rule, "teacher": full, "curve": rows}, indent=2
+            )
+        )
+        return 0
+    print(
+        f"{args.split}: {len(pairs):,} pairs, rule {scorer.routing.rule!r}, random = mean of {args.repeats} draws; "
+        f"teacher alone: macro-F1 {full['macro_f1']:.3f}, NDCG@10 {full['ndcg@10']:.3f}"
+    )
+    print(
+        f"{'route rate':>10}  {'router F1':>9}  {'random F1':>9}  {'router NDCG@10':>14}  {'random NDCG@10':>14}"
+    )
+    for row in rows:
+        router, rand = row["router"], row["random"]
+        print(
+            f"{row['route_rate']:>10.1%}  {router['macro_f1']:>9.3f}  {rand['macro_f1']:>9.3f}  "
+            f"{router['ndcg@10']:>14.3f}  {rand['ndcg@10']:>14.3f}"
+        )
+    return 0

@@ -1,0 +1,73 @@
+"""``darl-lite serve``: its options and handler.
+
+The fallback and routing-budget options are :mod:`darl_lite.cli_fallback`'s, shared with
+``darl-lite score``; the scorer and the server are imported by the handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from darl_lite.cli_fallback import add_fallback_arguments, fallback_from_args
+from darl_lite.errors import InputError
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from darl_lite.inference import SessionConfig
+    from darl_lite.scorer import Scorer
+    from darl_lite.serve import ServeConfig, serve
+
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env, "")
+        if not token.strip():
+            raise InputError(
+                f"--token-env {args.token_env}: that environment variable is unset or empty; "
+                "export the bearer token in it, or drop --token-env to serve without one"
+            )
+    config = ServeConfig(
+        host=args.host,
+        port=args.port,
+        max_items=args.max_items,
+        max_body_bytes=args.max_body_bytes,
+        openapi=not args.no_openapi,
+    )
+    fallback, budget = fallback_from_args(args)
+    try:
+        scorer = Scorer.load(
+            args.bundle,
+            precision=args.precision,
+            session=SessionConfig(intra_op_threads=args.threads),
+            fallback=fallback,
+            budget=budget,
+        )
+        serve(scorer, config, token=token)
+    finally:
+        if fallback is not None:
+            fallback.close()
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``serve`` to the ``darl-lite`` subcommands."""
+    srv = subparsers.add_parser(
+        "serve", allow_abbrev=False, help="serve a bundle over HTTP (needs the serve extra)"
+    )
+    srv.add_argument("bundle")
+    srv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument(
+        "--token-env", default=None, help="name of the environment variable holding the bearer token"
+    )
+    srv.add_argument("--max-items", type=int, default=1000, help="items per request (all queries)")
+    srv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size limit")
+    srv.add_argument("--precision", default="int8", choices=["int8", "fp32"])
+    srv.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = auto)")
+    srv.add_argument("--no-openapi", action="store_true", help="serve no /openapi.json and no /docs page")
+    add_fallback_arguments(srv)
+    srv.set_defaults(handler=_cmd_serve)
+
+
+__all__ = ["register"]

@@ -1,0 +1,338 @@
+"""Evaluate routing on mixed traffic, as a node sees it: requests of in-distribution and shifted queries.
+
+A stream is a random order of whole requests (one query and all its graded items): every
+in-distribution query of a split, and shifted queries drawn (fixed seed) until their pairs carry a
+share ``s`` of the stream. Each contender scores the stream request by request under one routing
+budget ``B`` (a :class:`~darl_lite.budget.RouteBudget` over the whole stream, on a request clock),
+with the same :func:`darl_lite.cascade.plan_call` a node runs. Reported per part (in-distribution
+pairs, shifted pairs) and overall: macro-F1, NDCG@10, the route rate and the share of shifted
+queries sent as whole lists; over several draws, mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from darl_lite.budget import RouteBudget
+from darl_lite.calibration import softmax
+from darl_lite.cascade import plan_call
+from darl_lite.cascade_fit import bootstrap_mean_interval, graded_report, per_query_ndcg
+from darl_lite.errors import InputError
+from darl_lite.metrics import auroc
+from darl_lite.routing import RoutingPolicy
+from darl_lite.shift import query_means
+from darl_lite.shift_routing import ShiftRouting
+from darl_lite.types import Pair
+
+CONTENDERS: tuple[str, ...] = ("student", "teacher", "random", "uncertainty", "cascade")
+
+
+@dataclass(frozen=True)
+class StreamData:
+    """Recorded outputs for every pair of the in-distribution and the shifted split, concatenated."""
+
+    queries: Sequence[str]
+    grades: NDArray[np.int64]
+    logits: NDArray[np.float64]  # raw student logits
+    ood: NDArray[np.float64]
+    teacher: NDArray[np.float64]
+    shifted: NDArray[np.bool_]  # the pair belongs to the shifted split
+    temperature: float
+    gains: Sequence[float]
+
+
+def build_stream(data: StreamData, share: float, seed: int) -> list[NDArray[np.intp]]:
+    """Row indices of each request, in stream order: all in-distribution queries plus shifted ones
+    drawn until their pairs come closest to ``share`` of the stream. Shares 0 and 1 give the
+    in-distribution or the shifted split alone."""
+    if not 0.0 <= share <= 1.0:
+        raise InputError(f"shifted share must lie in [0, 1], got {share}")
+    q = np.asarray(data.queries, dtype=object)
+    groups = {query: np.flatnonzero(q == query) for query in dict.fromkeys(data.queries)}
+    id_groups = [g for g in groups.values() if not data.shifted[g[0]]]
+    shifted_groups = [g for g in groups.values() if data.shifted[g[0]]]
+    rng = np.random.default_rng(seed)
+    if share in (0.0, 1.0):  # one split alone, in a random order
+        alone = id_groups if share == 0.0 else shifted_groups
+        return [alone[i] for i in rng.permutation(len(alone)).tolist()]
+    n_id = sum(len(g) for g in id_groups)
+    target = share / (1.0 - share) * n_id
+    chosen: list[NDArray[np.intp]] = []
+    total = 0
+    for index in rng.permutation(len(shifted_groups)).tolist():
+        group = shifted_groups[index]
+        if abs(total + len(group) - target) > abs(total - target) and chosen:
+            break
+        chosen.append(group)
+        total += len(group)
+    requests = id_groups + chosen
+    return [requests[i] for i in rng.permutation(len(requests)).tolist()]
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """One contender's answers for a stream's rows (request order)."""
+
+    probs: NDArray[np.float64]  # final probabilities: they rank each list
+    grades: NDArray[np.intp]  # final grade decisions
+    routed: NDArray[np.bool_]
+    listed: NDArray[np.bool_]  # routed as a whole shifted list
+
+
+def run_stream(
+    data: StreamData,
+    requests: Sequence[NDArray[np.intp]],
+    contender: str,
+    *,
+    budget_fraction: float,
+    policy: RoutingPolicy,
+    shift: ShiftRouting | None,
+    seed: int = 0,
+) -> StreamResult:
+    """Score the stream request by request as ``contender`` would (see :data:`CONTENDERS`)."""
+    if contender not in CONTENDERS:
+        raise InputError(f"unknown contender {contender!r}; choose from {CONTENDERS}")
+    rows = np.concatenate(list(requests)) if requests else np.zeros(0, np.intp)
+    teacher = data.teacher[rows]
+    none = np.zeros(len(rows), bool)
+    student = softmax(data.logits[rows], data.temperature)
+    if contender == "student":
+        return StreamResult(student, student.argmax(1), none, none)
+    if contender == "teacher":
+        return StreamResult(teacher.copy(), teacher.argmax(1), ~none, none)
+    if contender == "random":
+        routed = none.copy()
+        k = int(np.floor(budget_fraction * len(rows)))
+        routed[np.random.default_rng(seed).choice(len(rows), size=min(k, len(rows)), replace=False)] = True
+        mixed = np.where(routed[:, None], teacher, student)
+        return StreamResult(mixed, mixed.argmax(1), routed, none)
+    clock = [0.0]
+    budget = RouteBudget(budget_fraction, window_s=len(requests) + 1.0, clock=lambda: clock[0])
+    parts: list[tuple[NDArray[np.float64], NDArray[np.intp], NDArray[np.bool_], NDArray[np.bool_]]] = []
+    for step, request in enumerate(requests):
+        clock[0] = float(step)
+        plan = plan_call(
+            data.logits[request],
+            data.ood[request],
+            [data.queries[i] for i in request.tolist()],
+            temperature=data.temperature,
+            policy=policy,
+            shift=shift if contender == "cascade" else None,
+            budget=budget,
+        )
+        answer = data.teacher[request]
+        parts.append(
+            (
+                np.where(plan.routed[:, None], answer, plan.student),
+                np.where(plan.routed, answer.argmax(1), plan.grades),
+                plan.routed,
+                plan.list_routed,
+            )
+        )
+    return StreamResult(*(np.concatenate([p[i] for p in parts]) for i in range(4)))
+
+
+def _parts(data: StreamData, rows: NDArray[np.intp], result: StreamResult) -> dict[str, dict[str, float]]:
+    queries = [data.queries[i] for i in rows.tolist()]
+    grades = data.grades[rows]
+    shifted = data.shifted[rows]
+    out = {}
+    for part, mask in (
+        ("overall", np.ones(len(rows), bool)),
+        ("in_distribution", ~shifted),
+        ("shifted", shifted),
+    ):
+        index = np.flatnonzero(mask)
+        if len(index):
+            out[part] = graded_report(
+                result.probs[index],
+                result.grades[index],
+                grades[index],
+                [queries[i] for i in index.tolist()],
+                data.gains,
+            )
+    return out
+
+
+def evaluate_mixed(
+    data: StreamData,
+    *,
+    shares: Sequence[float] = (0.10, 0.30),
+    budgets: Sequence[float] = (0.05, 0.10, 0.20),
+    draws: int = 5,
+    seed: int = 0,
+    policy: RoutingPolicy,
+    shift: ShiftRouting | None,
+) -> list[dict[str, Any]]:
+    """Every contender on every (share, budget), ``draws`` streams each: mean and sd per metric."""
+    rows_out = []
+    for share in shares:
+        streams = [build_stream(data, share, seed + d) for d in range(draws)]
+        for budget in budgets:
+            per: dict[str, list[dict[str, Any]]] = {c: [] for c in CONTENDERS}
+            per_query: dict[str, list[tuple[str, float]]] = {c: [] for c in CONTENDERS}
+            for d, requests in enumerate(streams):
+                rows = np.concatenate(requests)
+                for contender in CONTENDERS:
+                    answer = run_stream(
+                        data,
+                        requests,
+                        contender,
+                        budget_fraction=budget,
+                        policy=policy,
+                        shift=shift,
+                        seed=seed + 1000 + d,
+                    )
+                    result: dict[str, Any] = _parts(data, rows, answer)
+                    ndcg = per_query_ndcg(
+                        answer.probs, data.grades[rows], [data.queries[i] for i in rows.tolist()], data.gains
+                    )
+                    per_query[contender].extend(ndcg.items())
+                    shifted_rows = data.shifted[rows]
+                    result["route_rate"] = float(answer.routed.mean())
+                    result["shifted_queries_listed"] = _listed_share(data, rows, answer.listed, shifted_rows)
+                    per[contender].append(result)
+            summary = {c: _mean_sd(v) for c, v in per.items()}
+            for c in CONTENDERS:  # paired per-query NDCG@10 difference to the student, pooled over draws
+                diffs = [a[1] - b[1] for a, b in zip(per_query[c], per_query["student"], strict=True)]
+                lo, hi = bootstrap_mean_interval(diffs, seed=seed)
+                summary[c]["ndcg_vs_student"] = {"mean": float(np.mean(diffs)), "ci90": [lo, hi]}
+            rows_out.append({"share": share, "budget": budget, "draws": draws, "contenders": summary})
+    return rows_out
+
+
+def _listed_share(
+    data: StreamData, rows: NDArray[np.intp], lists: NDArray[np.bool_], shifted_rows: NDArray[np.bool_]
+) -> float:
+    queries = np.asarray([data.queries[i] for i in rows.tolist()], dtype=object)
+    shifted_queries = set(queries[shifted_rows].tolist())
+    if not shifted_queries:
+        return 0.0
+    return len(set(queries[lists & shifted_rows].tolist())) / len(shifted_queries)
+
+
+def _mean_sd(results: list[dict[str, Any]]) -> dict[str, Any]:
+    def agg(values: list[float]) -> dict[str, float]:
+        return {
+            "mean": float(np.mean(values)),
+            "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        }
+
+    out: dict[str, Any] = {}
+    for key, value in results[0].items():
+        if isinstance(value, dict):
+            out[key] = {m: agg([r[key][m] for r in results if key in r]) for m in value}
+        else:
+            out[key] = agg([r[key] for r in results])
+    return out
+
+
+def mixed_report(
+    scorer: Any,
+    id_pairs: Sequence[Pair],
+    shifted_pairs: Sequence[Pair],
+    teacher_id: NDArray[np.floating],
+    teacher_shifted: NDArray[np.floating],
+    *,
+    shares: Sequence[float] = (0.10, 0.30),
+    budgets: Sequence[float] = (0.05, 0.10, 0.20),
+    draws: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Score both splits with ``scorer`` (a :class:`darl_lite.Scorer`), then report shift detection
+    (query- and pair-level AUROC of the domain and density detectors) and :func:`evaluate_mixed`."""
+    pairs = [*id_pairs, *shifted_pairs]
+    if any(p.grade is None for p in pairs):
+        raise InputError("mixed_report needs graded pairs (human grades) on both splits")
+    queries = [p.query for p in pairs]
+    outputs = scorer.score_arrays(queries, [p.item for p in pairs])
+    shifted = np.r_[np.zeros(len(id_pairs), bool), np.ones(len(shifted_pairs), bool)]
+    ood = np.asarray(outputs.ood_scores, np.float64)
+    id_queries = sorted({p.query for p in id_pairs})
+    shifted_queries = sorted({p.query for p in shifted_pairs})
+    density = query_means(ood, queries)
+    detection: dict[str, Any] = {
+        "pair_auroc_density": auroc(ood[~shifted], ood[shifted]),
+        "query_auroc_density": auroc([density[q] for q in id_queries], [density[q] for q in shifted_queries]),
+    }
+    if scorer.shift is not None:
+        prob = scorer.shift.assign(queries).probability
+        per_query = dict(zip(queries, prob.tolist(), strict=True))
+        detection["query_auroc_domain"] = auroc(
+            [per_query[q] for q in id_queries], [per_query[q] for q in shifted_queries]
+        )
+        detection["pair_auroc_domain"] = auroc(prob[~shifted], prob[shifted])
+    data = StreamData(
+        queries,
+        np.asarray([p.grade for p in pairs], np.int64),
+        np.asarray(outputs.logits, np.float64),
+        ood,
+        np.concatenate([np.asarray(teacher_id, np.float64), np.asarray(teacher_shifted, np.float64)]),
+        shifted,
+        scorer.temperature,
+        scorer.bundle.grade_gains,
+    )
+    streams = evaluate_mixed(
+        data,
+        shares=shares,
+        budgets=budgets,
+        draws=draws,
+        seed=seed,
+        policy=scorer.routing,
+        shift=scorer.shift,
+    )
+    return {"detection": detection, "streams": streams}
+
+
+def detection_line(detection: dict[str, float]) -> str:
+    """One line: the AUROC of each detector, query- and pair-level."""
+    return (
+        "Shift detection, in-distribution vs shifted, AUROC: "
+        + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in detection.items())
+        + "."
+    )
+
+
+def mixed_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The :func:`evaluate_mixed` rows as a Markdown table (mean ± sd over draws)."""
+    lines = [
+        "Mixed traffic: shifted queries carry a share s of the pairs; budget B of the stream's pairs; "
+        "mean ± sd over draws; ΔNDCG = paired per-query NDCG@10 difference to the student, 90% interval.",
+        "",
+        "| s | B | contender | route rate | shifted lists | F1 all | NDCG all | F1 in-dist | NDCG in-dist "
+        "| F1 shifted | NDCG shifted | ΔNDCG vs student |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        for name, m in row["contenders"].items():
+            cells = []
+            for part in ("overall", "in_distribution", "shifted"):
+                for key in ("macro_f1", "ndcg@10"):
+                    v = m.get(part, {}).get(key)
+                    cells.append(f"{v['mean']:.3f} ± {v['sd']:.3f}" if v else "–")
+            d = m["ndcg_vs_student"]
+            lines.append(
+                f"| {row['share']:.0%} | {row['budget']:.0%} | {name} | {m['route_rate']['mean']:.1%} "
+                f"| {m['shifted_queries_listed']['mean']:.0%} | "
+                + " | ".join(cells)
+                + f" | {d['mean']:+.3f} [{d['ci90'][0]:+.3f}, {d['ci90'][1]:+.3f}] |"
+            )
+    return lines
+
+
+__all__ = [
+    "CONTENDERS",
+    "StreamData",
+    "StreamResult",
+    "build_stream",
+    "detection_line",
+    "evaluate_mixed",
+    "mixed_report",
+    "mixed_table",
+    "run_stream",
+]

@@ -1,0 +1,192 @@
+"""Distribution-aware routing: whole shifted lists go to the teacher where the evidence says it wins.
+
+A bundle may carry one or more *kinds of shift*, each a query-level domain classifier
+(:class:`~darl_lite.shift.QueryShiftDetector`: training queries vs an unlabeled pool of that
+traffic) with what was measured on graded dev pairs of that kind:
+
+* ``route_lists`` — the teacher ranked those queries better than the student (NDCG@10 gain whose
+  bootstrap lower bound is above zero). Then every pair of such a query goes to the teacher, as one
+  list, before per-pair uncertainty routing spends what the budget has left: one model scores a
+  ranked list, so no list is a mix of two models' scales.
+* ``route_pairs`` — per-pair uncertainty routing pays on that kind (off where the teacher is worse:
+  sending its pairs to the teacher would lower quality).
+* ``logit_bias`` — the student's grade prior on that kind, corrected (added to its logits before
+  the temperature): a student that never says "strong" on questions gets its prior back.
+
+Where the bundle has no evidence that the teacher wins on a kind of shift, it routes nothing for it.
+A query that no kind claims is in-distribution and keeps the bundle's per-pair policy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from darl_lite.errors import BundleError, InputError
+from darl_lite.shift import QueryShiftDetector
+
+FORMAT = "darl-lite/shift-routing/1"
+#: The bundle file role of the shift routing file.
+ROLE_SHIFT = "shift_routing"
+
+
+@dataclass(frozen=True)
+class ShiftKind:
+    """One kind of shift: its detector, its threshold, and what the dev evidence allows."""
+
+    name: str
+    detector: QueryShiftDetector
+    threshold: float = 0.5
+    route_lists: bool = False
+    route_pairs: bool = True
+    logit_bias: tuple[float, ...] | None = None
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+    pool_queries: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise InputError(f"shift kind {self.name!r}: threshold must lie in (0, 1), got {self.threshold}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "threshold": self.threshold,
+            "route_lists": self.route_lists,
+            "route_pairs": self.route_pairs,
+            "logit_bias": list(self.logit_bias) if self.logit_bias is not None else None,
+            "evidence": dict(self.evidence),
+            "detector": self.detector.to_json(),
+            "pool_queries": list(self.pool_queries),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], source: str) -> ShiftKind:
+        try:
+            bias = data.get("logit_bias")
+            return cls(
+                name=str(data["name"]),
+                detector=QueryShiftDetector.from_json(data["detector"], source=f"{source}: {data['name']}"),
+                threshold=float(data["threshold"]),
+                route_lists=bool(data["route_lists"]),
+                route_pairs=bool(data.get("route_pairs", True)),
+                logit_bias=tuple(float(b) for b in bias) if bias is not None else None,
+                evidence=dict(data.get("evidence") or {}),
+                pool_queries=tuple(str(q) for q in data.get("pool_queries") or ()),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{source}: malformed shift kind ({exc!r}); re-export the bundle") from exc
+
+
+@dataclass(frozen=True)
+class QueryAssignment:
+    """Per pair: the kind of shift its query belongs to (-1: none) and the detector's probability."""
+
+    kind: NDArray[np.intp]
+    probability: NDArray[np.float64]  # the largest kind probability (0 with no kinds)
+
+
+@dataclass(frozen=True)
+class ShiftRouting:
+    """Every kind of shift the bundle knows, and the in-distribution queries they were fitted against."""
+
+    kinds: tuple[ShiftKind, ...]
+    reference_queries: tuple[str, ...] = ()
+    #: Pairs of sliding-window allowance per-pair routing leaves for whole lists (see RouteBudget).
+    list_reserve_pairs: int = 0
+
+    def assign(self, queries: Sequence[str]) -> QueryAssignment:
+        """The kind of each pair's query: the most probable kind past its threshold, else -1."""
+        n = len(queries)
+        kind = np.full(n, -1, np.intp)
+        best = np.zeros(n)
+        if not self.kinds or not n:
+            return QueryAssignment(kind, best)
+        distinct = list(dict.fromkeys(queries))
+        probs = np.stack([k.detector.probabilities(distinct) for k in self.kinds], axis=1)  # (Q, K)
+        past = probs >= np.asarray([k.threshold for k in self.kinds])[None, :]
+        chosen = np.where(past.any(axis=1), np.where(past, probs, -1.0).argmax(axis=1), -1)
+        row_of = {q: i for i, q in enumerate(distinct)}
+        rows = np.fromiter((row_of[q] for q in queries), np.intp, count=n)
+        return QueryAssignment(chosen[rows].astype(np.intp), probs.max(axis=1)[rows])
+
+    def adjust_logits(self, logits: NDArray[np.floating], assignment: QueryAssignment) -> NDArray[np.float64]:
+        """The student's logits with each kind's grade-prior correction added to its queries' pairs."""
+        out = np.asarray(logits, np.float64).copy()
+        for index, kind in enumerate(self.kinds):
+            if kind.logit_bias is None:
+                continue
+            rows = assignment.kind == index
+            if rows.any():
+                if len(kind.logit_bias) != out.shape[1]:
+                    raise BundleError(
+                        f"shift kind {kind.name!r} has {len(kind.logit_bias)} logit biases for "
+                        f"{out.shape[1]} grades; re-export the bundle"
+                    )
+                out[rows] += np.asarray(kind.logit_bias)
+        return out
+
+    def list_candidates(self, assignment: QueryAssignment) -> NDArray[np.bool_]:
+        """Pairs whose query belongs to a kind on which the teacher ranks better (whole lists)."""
+        allowed = np.asarray([k.route_lists for k in self.kinds] + [False], bool)
+        return allowed[assignment.kind]  # index -1 reads the trailing False
+
+    def pair_routing_allowed(self, assignment: QueryAssignment) -> NDArray[np.bool_]:
+        """Pairs per-pair uncertainty routing may send: in-distribution ones, and kinds where it pays."""
+        allowed = np.asarray([k.route_pairs for k in self.kinds] + [True], bool)
+        return allowed[assignment.kind]
+
+    def with_kind(self, kind: ShiftKind) -> ShiftRouting:
+        """A copy with ``kind`` added, or replacing the kind of the same name."""
+        kinds = (*tuple(k for k in self.kinds if k.name != kind.name), kind)
+        return ShiftRouting(kinds, self.reference_queries, self.list_reserve_pairs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "list_reserve_pairs": self.list_reserve_pairs,
+            "reference_queries": list(self.reference_queries),
+            "kinds": [k.to_json() for k in self.kinds],
+        }
+
+    def summary(self) -> list[dict[str, Any]]:
+        """What the manifest shows of each kind (no weights, no queries)."""
+        return [
+            {
+                "name": k.name,
+                "threshold": k.threshold,
+                "route_lists": k.route_lists,
+                "route_pairs": k.route_pairs,
+                "logit_bias": list(k.logit_bias) if k.logit_bias is not None else None,
+                "evidence": dict(k.evidence),
+            }
+            for k in self.kinds
+        ]
+
+    def save(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_json(), f, indent=1, ensure_ascii=False)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, path: str) -> ShiftRouting:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"cannot read the shift routing file {path}: {exc}") from exc
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise BundleError(f"{path}: not a {FORMAT} file; re-export the bundle")
+        kinds = tuple(ShiftKind.from_json(k, path) for k in data.get("kinds") or ())
+        return cls(
+            kinds=kinds,
+            reference_queries=tuple(str(q) for q in data.get("reference_queries") or ()),
+            list_reserve_pairs=int(data.get("list_reserve_pairs", 0)),
+        )
+
+
+__all__ = ["FORMAT", "ROLE_SHIFT", "QueryAssignment", "ShiftKind", "ShiftRouting"]

@@ -1,0 +1,199 @@
+"""The distribution-aware cascade end to end: a real bundle with shift routing, the scorer, the
+refit command and the mixed-traffic evaluation, on shipped pairs and the shipped teacher file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from darl_lite.bundle import load_bundle
+from darl_lite.cascade_fit import write_with_shift_routing
+from darl_lite.cli import main
+from darl_lite.datasets import Splits
+from darl_lite.errors import BundleError, InputError
+from darl_lite.llm.adapters import teacher_fallback
+from darl_lite.mixed_stream import CONTENDERS, mixed_report
+from darl_lite.refit import refit_routing
+from darl_lite.scorer import Scorer
+from darl_lite.shift import fit_query_shift
+from darl_lite.shift_routing import ROLE_SHIFT, ShiftKind, ShiftRouting
+from darl_lite.teacher_file import FileTeacher, shipped_teacher_path
+
+
+@pytest.fixture(scope="module")
+def teacher() -> FileTeacher:
+    return FileTeacher.from_file(shipped_teacher_path())
+
+
+@pytest.fixture()
+def fresh_shift_bundle(tiny_bundle_dir: Path, splits: Splits, tmp_path: Path) -> Path:
+    reference = sorted({p.query for p in splits.train})
+    detector = fit_query_shift(reference, sorted({p.query for p in splits.ood_train}))
+    kind = ShiftKind(
+        "questions", detector, 0.5, route_lists=True, route_pairs=False, logit_bias=(0.0, 0.5, 0.0)
+    )
+    shift = ShiftRouting((kind,), tuple(reference), list_reserve_pairs=0)
+    return write_with_shift_routing(load_bundle(tiny_bundle_dir), shift, str(tmp_path / "b")).directory
+
+
+def _per_query(pairs: object, n: int) -> list:  # type: ignore[type-arg]
+    """At most ``n`` pairs of every query, so a few hundred pairs span many queries."""
+    seen: dict[str, int] = {}
+    out = []
+    for p in pairs:  # type: ignore[attr-defined]
+        if seen.get(p.query, 0) < n:
+            seen[p.query] = seen.get(p.query, 0) + 1
+            out.append(p)
+    return out
+
+
+def _query_pairs(splits: Splits, name: str, n: int = 6) -> tuple[str, list[str]]:
+    pairs = list(splits.split(name))
+    query = pairs[0].query
+    return query, [p.item for p in pairs if p.query == query][:n]
+
+
+def test_bundle_carries_the_shift_routing_hashed(fresh_shift_bundle: Path) -> None:
+    bundle = load_bundle(fresh_shift_bundle)
+    assert ROLE_SHIFT in bundle.manifest["files"]
+    assert bundle.manifest["routing"]["shift"][0]["route_lists"] is True
+    path = bundle.path_of(ROLE_SHIFT)
+    path.write_text(path.read_text().replace('"route_lists": true', '"route_lists": false'))
+    with pytest.raises(BundleError, match="shift_routing"):
+        load_bundle(fresh_shift_bundle)
+
+
+def test_shifted_query_is_graded_by_the_teacher_as_a_whole_list(
+    fresh_shift_bundle: Path, splits: Splits, teacher: FileTeacher
+) -> None:
+    scorer = Scorer.load(fresh_shift_bundle, fallback=teacher_fallback(teacher))
+    query, items = _query_pairs(splits, "ood_test")
+    results = scorer.score(query, items)
+    assert all(r.source == "llm" and r.routed for r in results)
+    assert all(r.query_shift > 0.5 for r in results)
+    from darl_lite.types import Pair
+
+    expected = teacher.predict_proba([Pair(query, i) for i in items])
+    np.testing.assert_allclose([r.probabilities for r in results], expected, atol=1e-6)
+    keyword, its = _query_pairs(splits, "id_test")
+    plain = scorer.score(keyword, its)
+    assert all(r.query_shift < 0.5 for r in plain)
+    assert not all(r.source == "llm" for r in plain)  # per-pair routing only, under its cap
+
+
+def test_window_budget_keeps_shifted_list_whole_or_on_the_student(
+    fresh_shift_bundle: Path, splits: Splits, teacher: FileTeacher
+) -> None:
+    from darl_lite.budget import RouteBudget
+    from darl_lite.cascade import NOTE_LIST_BUDGET
+
+    budget = RouteBudget(0.1, window_s=1e9, clock=lambda: 0.0)
+    scorer = Scorer.load(fresh_shift_bundle, fallback=teacher_fallback(teacher), budget=budget)
+    query, items = _query_pairs(splits, "ood_test")
+    first = scorer.score(query, items)
+    assert all(r.source == "student" and r.note == NOTE_LIST_BUDGET for r in first)
+
+
+def test_refit_routing_writes_a_new_bundle_from_user_pairs(
+    fresh_shift_bundle: Path, splits: Splits, teacher: FileTeacher, tmp_path: Path
+) -> None:
+    pairs = _per_query(splits.ood_dev, 25)
+    report = refit_routing(fresh_shift_bundle, pairs, teacher.predict_proba(pairs), tmp_path / "refit")
+    bundle = load_bundle(report.bundle_dir)
+    names = [k["name"] for k in bundle.manifest["routing"]["shift"]]
+    assert names == ["questions", "user traffic"]
+    assert report.kind["evidence"]["pairs"] > 0 and report.curve[0]["route_rate"] == 0.0
+    assert isinstance(report.kind["route_lists"], bool)
+    with pytest.raises(InputError, match="distinct queries"):
+        few = [p for p in pairs if p.query == pairs[0].query]
+        refit_routing(fresh_shift_bundle, few, teacher.predict_proba(few), tmp_path / "x")
+
+
+def test_refit_needs_a_bundle_with_reference_queries(
+    tiny_bundle_dir: Path, splits: Splits, teacher: FileTeacher, tmp_path: Path
+) -> None:
+    pairs = _per_query(splits.ood_dev, 20)
+    with pytest.raises(BundleError, match="re-export"):
+        refit_routing(tiny_bundle_dir, pairs, teacher.predict_proba(pairs), tmp_path / "r")
+
+
+def test_mixed_report_compares_every_contender(
+    fresh_shift_bundle: Path, splits: Splits, teacher: FileTeacher
+) -> None:
+    scorer = Scorer.load(fresh_shift_bundle)
+    id_pairs = [p for p in splits.dev][:600]
+    shifted = [p for p in splits.ood_dev][:600]
+    report = mixed_report(
+        scorer,
+        id_pairs,
+        shifted,
+        teacher.predict_proba(id_pairs),
+        teacher.predict_proba(shifted),
+        shares=(0.3, 1.0),
+        budgets=(0.5,),
+        draws=2,
+    )
+    assert report["detection"]["query_auroc_domain"] >= 0.9
+    row = report["streams"][0]
+    assert set(row["contenders"]) == set(CONTENDERS)
+    cascade = row["contenders"]["cascade"]
+    assert cascade["shifted_queries_listed"]["mean"] > 0  # half the stream's pairs may go: lists do
+    teacher_row = report["streams"][1]["contenders"]["teacher"]
+    assert teacher_row["route_rate"]["mean"] == 1.0
+
+
+def test_route_curve_mixed_and_refit_cli(
+    fresh_shift_bundle: Path,
+    splits: Splits,
+    teacher: FileTeacher,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rc = main(
+        [
+            "route-curve",
+            str(fresh_shift_bundle),
+            "--mixed",
+            "--mixed-splits",
+            "dev,ood_dev",
+            "--draws",
+            "1",
+            "--shares",
+            "0.3",
+            "--budgets",
+            "0.1",
+            "--json",
+        ]
+    )
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["splits"] == ["dev", "ood_dev"] and out["streams"][0]["budget"] == 0.1
+    pairs = _per_query(splits.ood_dev, 20)
+    pairs_file = tmp_path / "mine.jsonl"
+    pairs_file.write_text(
+        "".join(json.dumps({"query": p.query, "item": p.item, "grade": p.grade}) + "\n" for p in pairs)
+    )
+    from darl_lite.teacher_file import write_teacher_outputs
+
+    teacher_file = write_teacher_outputs(
+        tmp_path / "t.jsonl", pairs, teacher.predict_proba(pairs), {"name": "t"}
+    )
+    rc = main(
+        [
+            "refit-routing",
+            str(fresh_shift_bundle),
+            "--pairs",
+            str(pairs_file),
+            "--teacher",
+            str(teacher_file),
+            "--out",
+            str(tmp_path / "new"),
+        ]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "user traffic" in text and "route rate" in text
+    assert (tmp_path / "new" / "manifest.json").is_file()

@@ -1,0 +1,195 @@
+"""Query-level shift detection, distribution-aware routing and the budget rules they rely on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from darl_lite.budget import RouteBudget
+from darl_lite.cascade import NOTE_LIST_BUDGET, plan_call
+from darl_lite.cascade_fit import GradedEvidence, bootstrap_mean_interval, fit_logit_bias, fit_shift_kind
+from darl_lite.errors import BundleError, InputError
+from darl_lite.metrics import auroc
+from darl_lite.routing import RoutingPolicy
+from darl_lite.shift import QueryShiftDetector, fit_query_shift, query_tokens
+from darl_lite.shift_routing import ShiftKind, ShiftRouting
+
+
+def _queries(splits, name: str) -> list[str]:  # type: ignore[no-untyped-def]
+    return sorted({p.query for p in splits.split(name)})
+
+
+def test_tokens_keep_question_marks_and_case_fold() -> None:
+    assert query_tokens("Who is the Mayor of Berlin?") == ["who", "is", "the", "mayor", "of", "berlin", "?"]
+
+
+def test_domain_classifier_separates_questions_from_keywords_on_held_out_queries(splits) -> None:  # type: ignore[no-untyped-def]
+    detector = fit_query_shift(_queries(splits, "train"), _queries(splits, "ood_train"), l2=0.1)
+    score = auroc(
+        detector.probabilities(_queries(splits, "dev")), detector.probabilities(_queries(splits, "ood_dev"))
+    )
+    assert score >= 0.9
+    assert detector.probability("Which rivers flow through Germany?") > 0.5
+    assert detector.probability("rivers germany") < 0.5
+
+
+def test_detector_json_round_trip_and_refusals(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    detector = fit_query_shift(
+        ["red shoes", "cheap laptop bag"], ["which shoe is best?", "who sells bags?"], min_count=1
+    )
+    path = tmp_path / "d.json"
+    detector.save(str(path))
+    loaded = QueryShiftDetector.load(str(path))
+    for q in ("red shoes", "who is best?", "unseen words only"):
+        assert loaded.probability(q) == pytest.approx(detector.probability(q), abs=1e-12)
+    bad = detector.to_json() | {"bias": float("nan")}
+    with pytest.raises(BundleError, match="non-finite"):
+        QueryShiftDetector.from_json(bad)
+    with pytest.raises(BundleError, match="format"):
+        QueryShiftDetector.from_json({"format": "other"})
+    with pytest.raises(InputError, match="both sides"):
+        fit_query_shift(["a"], [])
+
+
+def _routing(route_lists: bool = True, bias: tuple[float, ...] | None = None) -> ShiftRouting:
+    detector = fit_query_shift(
+        ["red shoes", "cheap laptop bag", "shoes men", "laptop sleeve"],
+        ["which shoe is best?", "who sells bags?", "what is a laptop?", "which bag is cheap?"],
+        min_count=1,
+    )
+    return ShiftRouting(
+        (ShiftKind("questions", detector, 0.5, route_lists, False, bias),), list_reserve_pairs=0
+    )
+
+
+def _plan(
+    shift: ShiftRouting | None,
+    queries: list[str],
+    budget: RouteBudget | None = None,
+    logits: np.ndarray | None = None,
+):  # type: ignore[no-untyped-def]
+    n = len(queries)
+    logits = np.tile([2.0, 1.9, -3.0], (n, 1)) if logits is None else logits  # the student is unsure
+    policy = RoutingPolicy(error_threshold=0.3, max_route_fraction=0.5)
+    return plan_call(logits, np.zeros(n), queries, temperature=1.0, policy=policy, shift=shift, budget=budget)
+
+
+def test_shifted_query_goes_to_the_teacher_as_a_whole_list() -> None:
+    queries = ["which shoe is best?"] * 4 + ["red shoes"] * 4
+    plan = _plan(_routing(), queries)
+    assert plan.list_routed.tolist() == [True] * 4 + [False] * 4
+    # the in-distribution list keeps per-pair routing under the per-call cap (0.5 of 8 = 4 pairs, 4 used)
+    assert plan.routed[:4].all()
+    assert plan.query_shift[0] > 0.5 > plan.query_shift[-1]
+
+
+def test_no_evidence_no_list_routing_and_pair_routing_follows_the_kind() -> None:
+    queries = ["which shoe is best?"] * 4
+    plan = _plan(_routing(route_lists=False), queries)
+    assert not plan.list_routed.any()
+    assert not plan.routed.any()  # route_pairs=False for the kind: the teacher is not better there
+    without = _plan(None, queries)
+    assert without.routed.sum() == 2  # the plain policy: likely-wrong pairs, half of the call
+
+
+def test_list_routing_is_all_or_nothing_under_the_window_budget() -> None:
+    budget = RouteBudget(0.5, window_s=100, clock=lambda: 0.0)
+    first = _plan(_routing(), ["which shoe is best?"] * 4, budget=budget)
+    assert not first.list_routed.any()  # 4 of 4 pairs would exceed half of the window
+    assert first.notes[0] == NOTE_LIST_BUDGET
+    budget.acquire(8, 0)  # in-distribution traffic fills the window
+    second = _plan(_routing(), ["which shoe is best?"] * 4, budget=budget)
+    assert second.list_routed.all()
+    assert budget.usage() == (16, 4)
+
+
+def test_reserve_keeps_allowance_for_lists() -> None:
+    budget = RouteBudget(0.5, window_s=100, clock=lambda: 0.0)
+    budget.acquire(10, 0)
+    assert budget.acquire(2, 2, reserve=5) == 1  # floor(0.5 * 12) - 0 - 5
+    with pytest.raises(InputError, match="reserve"):
+        budget.acquire(1, 0, reserve=-1)
+
+
+def test_logit_bias_moves_the_kind_s_grades_never_the_ranking() -> None:
+    queries = ["which shoe is best?", "which shoe is best?", "red shoes"]
+    logits = np.asarray([[1.0, 0.5, 0.0], [0.2, 0.1, 0.0], [1.0, 0.5, 0.0]])
+    plain = _plan(_routing(bias=None), queries, logits=logits)
+    biased = _plan(_routing(bias=(0.0, 0.0, 2.0)), queries, logits=logits)
+    assert plain.grades.tolist() == [0, 0, 0]
+    assert biased.grades.tolist() == [2, 2, 0]  # the shifted query's grades move, the other's do not
+    np.testing.assert_allclose(biased.student, plain.student)  # probabilities (the ranking) untouched
+
+
+def test_routing_policy_takes_the_bundle_rule_unless_given_excess_thresholds() -> None:
+    assert RoutingPolicy(error_threshold=0.3).rule == "expected_error"
+    assert RoutingPolicy(margin_threshold=1.0).rule == "threshold_excess"
+    assert RoutingPolicy().rule == "expected_error"
+    with pytest.raises(InputError, match="rule"):
+        RoutingPolicy(error_threshold=0.3, margin_threshold=0.5)
+    assert (
+        RoutingPolicy(error_threshold=0.3, margin_threshold=0.5, rule="expected_error").rule
+        == "expected_error"
+    )
+
+
+def test_fit_logit_bias_recovers_a_shifted_prior() -> None:
+    rng = np.random.default_rng(0)
+    grades = rng.integers(0, 3, 600)
+    logits = np.eye(3)[grades] * 2.0 + rng.normal(0, 0.7, (600, 3))
+    logits[:, 2] -= 2.5  # the student under-predicts grade 2
+    ev = GradedEvidence(["q"] * 600, grades, logits, np.eye(3)[grades], 1.0, (0.0, 1.0, 2.0))
+    bias, before, after = fit_logit_bias(ev)
+    assert bias[0] == 0.0 and bias[2] > 1.0
+    assert after > before + 0.05
+
+
+def test_fit_shift_kind_routes_lists_only_where_the_teacher_ranks_better(splits) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(0)
+    dev = [p for name in ("dev", "ood_dev") for p in splits.split(name)]
+    grades = np.asarray([p.grade for p in dev])
+    is_kind = np.asarray([name == "ood_dev" for name in ("dev", "ood_dev") for _ in splits.split(name)])
+    noisy = rng.normal(0, 1.0, (len(dev), 3))
+    good = np.eye(3)[grades] * 0.9 + 0.05  # a teacher that knows the grades
+    student = noisy.copy()
+    ev = GradedEvidence(
+        [p.query for p in dev], grades, student, good / good.sum(1, keepdims=True), 1.0, (0.0, 1.0, 2.0)
+    )
+    kind = fit_shift_kind(
+        "questions",
+        reference_queries=_queries(splits, "train"),
+        pool_queries=_queries(splits, "ood_train"),
+        evidence=ev,
+        evidence_is_kind=is_kind,
+    )
+    assert kind.route_lists and kind.evidence["ndcg_gain_ci90"][0] > 0
+    assert kind.evidence["query_auroc"] >= 0.9
+    bad = GradedEvidence(
+        ev.queries, grades, np.eye(3)[grades] * 3.0, np.full((len(dev), 3), 1 / 3), 1.0, (0.0, 1.0, 2.0)
+    )
+    worse = fit_shift_kind(
+        "questions",
+        reference_queries=_queries(splits, "train"),
+        pool_queries=_queries(splits, "ood_train"),
+        evidence=bad,
+        evidence_is_kind=is_kind,
+    )
+    assert not worse.route_lists and not worse.route_pairs
+
+
+def test_bootstrap_interval_brackets_the_mean() -> None:
+    lo, hi = bootstrap_mean_interval([0.1, 0.2, 0.3, 0.25, 0.15])
+    assert lo < 0.2 < hi
+
+
+def test_shift_routing_file_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    routing = _routing(bias=(0.0, 0.5, 1.0))
+    path = tmp_path / "shift.json"
+    routing.save(str(path))
+    loaded = ShiftRouting.load(str(path))
+    queries = ["which shoe is best?", "red shoes"]
+    assert loaded.assign(queries).kind.tolist() == routing.assign(queries).kind.tolist()
+    assert loaded.kinds[0].logit_bias == (0.0, 0.5, 1.0)
+    path.write_text('{"format": "nope"}')
+    with pytest.raises(BundleError, match="re-export"):
+        ShiftRouting.load(str(path))
