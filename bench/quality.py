@@ -23,10 +23,9 @@ import numpy as np
 from darl_lite.datasets import load_dbpedia
 from darl_lite.inference import SessionConfig
 from darl_lite.metrics import auroc, fpr_at_tpr, grading_report, per_class_f1
-from darl_lite.quickstart import shipped_teacher_path
 from darl_lite.route_curve import route_curve
 from darl_lite.scorer import Scorer, softmax
-from darl_lite.teacher_file import FileTeacher
+from darl_lite.teacher_file import FileTeacher, shipped_teacher_path
 from darl_lite.types import Pair
 
 RATES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)

@@ -84,7 +84,9 @@ def plan_call(
     if budget is not None:
         rest = int((~lists).sum())
         wanted = int(pairs.sum())
-        reserve = shift.list_reserve_pairs if shift is not None and any(k.route_lists for k in shift.kinds) else 0
+        reserve = (
+            shift.list_reserve_pairs if shift is not None and any(k.route_lists for k in shift.kinds) else 0
+        )
         granted = budget.acquire(rest, wanted, reserve=reserve)
         if granted < wanted:
             kept = most_urgent(decision.urgency, pairs, granted)

@@ -344,3 +344,64 @@ def write_with_shift_routing(bundle: Any, shift: Any, out_dir: str, *, overwrite
         shift.save(str(path))
         files[ROLE_SHIFT] = path
         return write_bundle(out_dir, files, manifest, overwrite=overwrite)
+
+
+def fit_pool_kind(
+    bundle: Any,
+    *,
+    name: str,
+    train_queries: Sequence[str],
+    pool_queries: Sequence[str],
+    dev_pairs: Sequence[Any],
+    shifted_dev_pairs: Sequence[Any],
+    teacher: Any,
+    list_reserve_pairs: int = 200,
+    threads: int = 0,
+) -> Any:
+    """Fit one kind of shift from an unlabeled pool into ``bundle`` (rewritten in place, re-hashed).
+
+    Detector: the training queries vs the pool's queries (the pool needs no grades). Evidence: graded
+    in-distribution dev pairs and graded dev pairs of the shifted traffic, with ``teacher``'s grades
+    (any object with ``predict_proba(pairs)``) for them.
+    """
+    from darl_lite.inference import SessionConfig
+    from darl_lite.scorer import Scorer
+    from darl_lite.shift_routing import ShiftRouting
+
+    scorer = Scorer(bundle, session=SessionConfig(intra_op_threads=threads))
+    graded = [*dev_pairs, *shifted_dev_pairs]
+    evidence = graded_evidence(
+        scorer,
+        [p.query for p in graded],
+        [p.item for p in graded],
+        [p.grade for p in graded],
+        teacher.predict_proba(graded),
+    )
+    reference = sorted(set(train_queries))
+    kind = fit_shift_kind(
+        name,
+        reference_queries=reference,
+        pool_queries=sorted(set(pool_queries)),
+        evidence=evidence,
+        evidence_is_kind=np.r_[np.zeros(len(dev_pairs), bool), np.ones(len(shifted_dev_pairs), bool)],
+        error_threshold=scorer.routing.error_threshold,
+    )
+    logger.info("shift kind %r: %s", kind.name, kind.evidence.get("decision"))
+    shift = ShiftRouting((kind,), tuple(reference), list_reserve_pairs=list_reserve_pairs)
+    return write_with_shift_routing(bundle, shift, str(bundle.directory), overwrite=True)
+
+
+__all__ = [
+    "BIAS_GRID",
+    "L2_GRID",
+    "GradedEvidence",
+    "bootstrap_mean_interval",
+    "choose_l2",
+    "fit_logit_bias",
+    "fit_pool_kind",
+    "fit_shift_kind",
+    "graded_evidence",
+    "graded_report",
+    "per_query_ndcg",
+    "write_with_shift_routing",
+]

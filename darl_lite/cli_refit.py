@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     from darl_lite.datasets import load_pairs
     from darl_lite.refit import refit_routing
+    from darl_lite.route_curve import curve_table
     from darl_lite.teacher_file import FileTeacher
 
     pairs = load_pairs(args.pairs)
@@ -63,17 +64,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"new bundle: {report.bundle_dir}")
     print(f"kind {report.kind['name']!r}: {ev['decision']}")
     print(
-        f"  on your {ev.get('pairs', 0):,} pairs of {ev.get('assigned_queries', 0)} queries: teacher minus student "
-        f"NDCG@10 {ev.get('ndcg_gain', float('nan')):+.3f} (90% interval {ev.get('ndcg_gain_ci90')}), "
-        f"macro-F1 {ev.get('macro_f1_gain', float('nan')):+.3f}; student prior correction {report.kind['logit_bias']}"
+        f"  on your {ev.get('pairs', 0):,} pairs of {ev.get('assigned_queries', 0)} queries, teacher minus "
+        f"student: NDCG@10 {ev.get('ndcg_gain', float('nan')):+.3f} (90% interval "
+        f"{ev.get('ndcg_gain_ci90')}), macro-F1 {ev.get('macro_f1_gain', float('nan')):+.3f}; "
+        f"student prior correction {report.kind['logit_bias']}"
     )
     print("per-pair routing on your pairs (router vs random at equal rates):")
-    print(
-        f"{'route rate':>10}  {'router F1':>9}  {'random F1':>9}  {'router NDCG@10':>14}  {'random NDCG@10':>14}"
-    )
-    for row in report.curve:
-        r, x = row["router"], row["random"]
-        print(
-            f"{row['route_rate']:>10.1%}  {r['macro_f1']:>9.3f}  {x['macro_f1']:>9.3f}  {r['ndcg@10']:>14.3f}  {x['ndcg@10']:>14.3f}"
-        )
+    print("\n".join(curve_table(report.curve)))
     return 0

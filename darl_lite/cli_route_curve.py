@@ -109,7 +109,7 @@ def _single(args: argparse.Namespace, splits: Any, teacher: Any, scorer: Any) ->
     import numpy as np
 
     from darl_lite.metrics import grading_report
-    from darl_lite.route_curve import route_curve
+    from darl_lite.route_curve import curve_table, route_curve
 
     pairs = list(splits.split(args.split))
     scored = scorer.score_arrays([p.query for p in pairs], [p.item for p in pairs])
@@ -136,16 +136,9 @@ def _single(args: argparse.Namespace, splits: Any, teacher: Any, scorer: Any) ->
         )
         return 0
     print(
-        f"{args.split}: {len(pairs):,} pairs, rule {scorer.routing.rule!r}, random = mean of {args.repeats} draws; "
-        f"teacher alone: macro-F1 {full['macro_f1']:.3f}, NDCG@10 {full['ndcg@10']:.3f}"
+        f"{args.split}: {len(pairs):,} pairs, rule {scorer.routing.rule!r}, "
+        f"random = mean of {args.repeats} draws; teacher alone: macro-F1 {full['macro_f1']:.3f}, "
+        f"NDCG@10 {full['ndcg@10']:.3f}"
     )
-    print(
-        f"{'route rate':>10}  {'router F1':>9}  {'random F1':>9}  {'router NDCG@10':>14}  {'random NDCG@10':>14}"
-    )
-    for row in rows:
-        router, rand = row["router"], row["random"]
-        print(
-            f"{row['route_rate']:>10.1%}  {router['macro_f1']:>9.3f}  {rand['macro_f1']:>9.3f}  "
-            f"{router['ndcg@10']:>14.3f}  {rand['ndcg@10']:>14.3f}"
-        )
+    print("\n".join(curve_table(rows)))
     return 0

@@ -75,7 +75,8 @@ def refit_routing(
             "darl-lite release (the quickstart and `darl-lite export` write one)"
         )
     queries = [p.query for p in pairs]
-    evidence = graded_evidence(scorer, queries, [p.item for p in pairs], [p.grade for p in graded], teacher)
+    grades = [int(p.grade) for p in pairs if p.grade is not None]
+    evidence = graded_evidence(scorer, queries, [p.item for p in pairs], grades, teacher)
     kind = fit_shift_kind(
         kind_name,
         reference_queries=shift.reference_queries,

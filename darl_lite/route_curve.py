@@ -57,3 +57,18 @@ def route_curve(
             }
         )
     return rows
+
+
+def curve_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """:func:`route_curve` rows as aligned text lines: route rate, router and random quality."""
+    lines = [
+        f"{'route rate':>10}  {'router F1':>9}  {'random F1':>9}  {'router NDCG@10':>14}  "
+        f"{'random NDCG@10':>14}"
+    ]
+    for row in rows:
+        router, rand = row["router"], row["random"]
+        lines.append(
+            f"{row['route_rate']:>10.1%}  {router['macro_f1']:>9.3f}  {rand['macro_f1']:>9.3f}  "
+            f"{router['ndcg@10']:>14.3f}  {rand['ndcg@10']:>14.3f}"
+        )
+    return lines

@@ -24,9 +24,9 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from darl_lite.budget import RouteBudget
-from darl_lite.cascade import NOTE_CALL_BUDGET, NOTE_LIST_BUDGET, NOTE_WINDOW_BUDGET, plan_call
 from darl_lite.bundle import ROLE_TOKENIZER, Bundle, load_bundle, model_role, ood_role
 from darl_lite.calibration import softmax
+from darl_lite.cascade import NOTE_CALL_BUDGET, NOTE_LIST_BUDGET, NOTE_WINDOW_BUDGET, plan_call
 from darl_lite.errors import BundleError, InputError
 from darl_lite.inference import RelevanceModel, SessionConfig
 from darl_lite.ood import MahalanobisDetector

@@ -17,7 +17,6 @@ The detector is fitted at export (:func:`fit_query_shift`) and stored in the bun
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -107,20 +106,6 @@ class QueryShiftDetector:
             l2=float(data.get("l2", 0.0)),
             trained_on=dict(data.get("trained_on") or {}),
         )
-
-    def save(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_json(), f, indent=1, ensure_ascii=False)
-            f.write("\n")
-
-    @classmethod
-    def load(cls, path: str) -> QueryShiftDetector:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise BundleError(f"cannot read the query shift detector {path}: {exc}") from exc
-        return cls.from_json(data, source=path)
 
 
 def _sigmoid(z: float) -> float:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from darl_lite.atomic import atomic_write_json
 from darl_lite.errors import BundleError, InputError
 from darl_lite.shift import QueryShiftDetector
 
@@ -168,9 +169,7 @@ class ShiftRouting:
         ]
 
     def save(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_json(), f, indent=1, ensure_ascii=False)
-            f.write("\n")
+        atomic_write_json(path, self.to_json(), indent=1, ensure_ascii=False)
 
     @classmethod
     def load(cls, path: str) -> ShiftRouting:

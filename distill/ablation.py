@@ -152,9 +152,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from darl_lite.distill.stages import LoraSettings
     from darl_lite.distill.trainer import predict_logits
     from darl_lite.metrics import grading_report
-    from darl_lite.quickstart import shipped_teacher_path
     from darl_lite.scorer import softmax
-    from darl_lite.teacher_file import FileTeacher
+    from darl_lite.teacher_file import FileTeacher, shipped_teacher_path
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -291,6 +291,29 @@ def _grade_and_write(
     return written
 
 
+def _check_head(spec: TeacherSpec) -> None:
+    """The head file and its fit to the model, checked here so a wrong head fails before any actor starts."""
+    if not spec.head:
+        return
+    if not Path(spec.head).is_file():
+        raise InputError(f"--head {spec.head}: no such file; pass the .npz head from `distill teacher`")
+    from darl_lite.distill.llm_teacher import ProbeHead
+
+    head = ProbeHead.load(spec.head)
+    config = json.loads((Path(spec.model) / "config.json").read_text(encoding="utf-8"))
+    layers, hidden = config.get("num_hidden_layers"), config.get("hidden_size")
+    if isinstance(layers, int) and not -(layers + 1) <= head.layer < layers + 1:
+        raise InputError(
+            f"the head reads layer {head.layer}; this model has {layers + 1} hidden states. Load the "
+            "LLM the head was trained on (its sha256 is in the teacher file's provenance)"
+        )
+    if isinstance(hidden, int) and head.weight.shape[1] != hidden:
+        raise InputError(
+            f"the head reads {head.weight.shape[1]} features; this model's hidden size is {hidden}. "
+            "Load the LLM the head was trained on"
+        )
+
+
 def label_pairs_ray(
     spec: TeacherSpec,
     pairs: Sequence[Pair],
@@ -317,8 +340,7 @@ def label_pairs_ray(
     options = options or RayOptions()
     import_ray()  # a missing extra fails before any work
     local_model_dir(spec.model, "--model")
-    if spec.head and not Path(spec.head).is_file():
-        raise InputError(f"--head {spec.head}: no such file; pass the .npz head from `distill teacher`")
+    _check_head(spec)
     todo_pairs = distinct_checked(pairs)
     identity = run_identity(spec, model_sha256 or weights_sha256(spec.model))
     out = Path(out_dir)

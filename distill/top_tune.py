@@ -229,7 +229,12 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def _save_checkpoint(
-    ckpt_dir: Path, step: int, model: TopModel, optimiser: torch.optim.Optimizer, losses: list[float]
+    ckpt_dir: Path,
+    step: int,
+    model: TopModel,
+    optimiser: torch.optim.Optimizer,
+    losses: list[float],
+    spec: dict[str, Any],
 ) -> None:
     from safetensors.torch import save_file
 
@@ -246,7 +251,9 @@ def _save_checkpoint(
     save_file(tensors, str(tmp))
     os.replace(tmp, path)
     meta = ckpt_dir / f"step-{step:06d}.json"
-    meta.with_suffix(".tmp").write_text(json.dumps({"step": step, "losses": losses}), encoding="utf-8")
+    meta.with_suffix(".tmp").write_text(
+        json.dumps({"step": step, "losses": losses, "spec": spec}), encoding="utf-8"
+    )
     os.replace(meta.with_suffix(".tmp"), meta)
     for old in ckpt_dir.glob("step-*.safetensors"):
         if old != path:
@@ -255,7 +262,7 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(
-    ckpt_dir: Path, model: TopModel, optimiser: torch.optim.Optimizer
+    ckpt_dir: Path, model: TopModel, optimiser: torch.optim.Optimizer, spec: dict[str, Any]
 ) -> tuple[int, list[float]]:
     from safetensors.torch import load_file
 
@@ -265,6 +272,11 @@ def _load_checkpoint(
     path = found[-1]
     tensors = load_file(str(path))
     meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    if meta.get("spec", spec) != spec:
+        raise InputError(
+            f"{path} is a checkpoint of another stage-2 configuration; delete {ckpt_dir} to start over "
+            "or rerun with the configuration it was written with"
+        )
     named = model.trainable()
     with torch.no_grad():
         for n, p in named.items():
@@ -324,7 +336,8 @@ def train_top(
         else min(config.max_steps, per_epoch * config.epochs)
     )
     warmup = max(1, int(config.warmup_ratio * total))
-    step, losses = _load_checkpoint(Path(ckpt_dir), model, optimiser)
+    spec = {k: v for k, v in asdict(config).items() if k != "checkpoint_every"}
+    step, losses = _load_checkpoint(Path(ckpt_dir), model, optimiser, spec)
     outcome = TrainOutcome(steps=step, resumed_from=step, losses=losses)
     started = time.perf_counter()
     lengths = cache.lengths[rows]
@@ -350,7 +363,7 @@ def train_top(
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
             if step % config.checkpoint_every == 0 or step == total:
-                _save_checkpoint(Path(ckpt_dir), step, model, optimiser, losses)
+                _save_checkpoint(Path(ckpt_dir), step, model, optimiser, losses, spec)
             if on_step is not None:
                 on_step(step)
     finally:

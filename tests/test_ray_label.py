@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -227,6 +228,17 @@ def test_bad_options_give_clear_errors(teacher_files, tmp_path: Path, capsys) ->
     assert "with --ray it must be a folder" in capsys.readouterr().err
     assert main(label_argv(model, tmp_path / "nohead.npz", pairs_file, tmp_path / "s", "--ray")) == 2
     assert "nohead.npz: no such file" in capsys.readouterr().err
+    wrong = ProbeHead.load(head)
+    for name, bad in [
+        ("layer", replace(wrong, layer=7)),
+        ("width", replace(wrong, weight=wrong.weight[:, :5])),
+    ]:
+        bad.save(tmp_path / f"{name}.npz")
+    assert main(label_argv(model, tmp_path / "layer.npz", pairs_file, tmp_path / "s", "--ray")) == 2
+    assert "the head reads layer 7; this model has 3 hidden states" in capsys.readouterr().err
+    assert main(label_argv(model, tmp_path / "width.npz", pairs_file, tmp_path / "s", "--ray")) == 2
+    assert "the head reads 5 features; this model's hidden size is 32" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()  # all refused before a folder or an actor
     with pytest.raises(InputError, match="cpus_per_actor"):
         RayOptions(cpus_per_actor=0)
     with pytest.raises(DataError, match=r"no plan\.json"):

@@ -60,7 +60,7 @@ def test_cli_empty_items_file_prints_an_empty_result(
         assert main(_score(tiny_bundle_dir, path, "--json")) == 0
         assert json.loads(capsys.readouterr().out) == []
         assert main(_score(tiny_bundle_dir, path)) == 0
-        assert capsys.readouterr().out.split() == ["expected", "grade", "ood", "routed", "item"]
+        assert capsys.readouterr().out.split() == ["expected", "grade", "ood", "ood%", "routed", "item"]
 
 
 def test_cli_odd_but_valid_text_is_scored(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -37,9 +39,7 @@ def test_detector_json_round_trip_and_refusals(tmp_path) -> None:  # type: ignor
     detector = fit_query_shift(
         ["red shoes", "cheap laptop bag"], ["which shoe is best?", "who sells bags?"], min_count=1
     )
-    path = tmp_path / "d.json"
-    detector.save(str(path))
-    loaded = QueryShiftDetector.load(str(path))
+    loaded = QueryShiftDetector.from_json(json.loads(json.dumps(detector.to_json())))
     for q in ("red shoes", "who is best?", "unseen words only"):
         assert loaded.probability(q) == pytest.approx(detector.probability(q), abs=1e-12)
     bad = detector.to_json() | {"bias": float("nan")}

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quickstart_on_real_minilm(tmp_path: Path) -> None:
-    from darl_lite.quickstart import QuickstartConfig, run_quickstart
+    from darl_lite.pipeline.quickstart import QuickstartConfig, run_quickstart
 
     report = run_quickstart(QuickstartConfig(out_dir=str(tmp_path), max_train_pairs=2000, progress=False))
     saved = json.loads((tmp_path / "report.json").read_text())
@@ -32,6 +32,12 @@ def test_quickstart_on_real_minilm(tmp_path: Path) -> None:
     assert 0.5 < report["ood_detection"]["auroc"] <= 1.0
     assert report["parity"]["argmax_agreement"] >= 0.95
     assert (tmp_path / "summary.md").read_text().startswith("# darl-lite quickstart")
+    # distribution-aware routing: the query-level detector, its decisions, the mixed-traffic table
+    assert saved["shift_detection"]["query_auroc_domain"] >= 0.9
+    assert saved["routing"]["shift"][0]["name"] == "ood_train pool"
+    shares = {row["share"] for row in saved["routing"]["mixed"]}
+    assert shares == {0.0, 0.1, 0.3, 1.0}
+    assert "Mixed traffic" in (tmp_path / "summary.md").read_text()
 
 
 def test_wheel_without_extras_scores_without_torch(tmp_path: Path, tiny_bundle_dir: Path) -> None:

@@ -545,8 +545,7 @@ def test_cli_parses_serve_teacher_and_rejects_a_bad_protocol() -> None:
 def test_the_real_teacher_over_http_matches_the_shipped_teacher_file() -> None:
     from darl_lite.distill.teacher_fetch import default_cache_dir
     from darl_lite.distill.teacher_server import load_probe_teacher
-    from darl_lite.quickstart import shipped_teacher_path
-    from darl_lite.teacher_file import read_teacher_outputs
+    from darl_lite.teacher_file import read_teacher_outputs, shipped_teacher_path
 
     if not (default_cache_dir() / "config.json").exists():
         pytest.fail(

@@ -194,6 +194,8 @@ def test_interpolation_at_zero_is_stage_one_and_at_one_stage_two(llm, tmp_path: 
     cfg = TopConfig(rank=4, lr=5e-2, head_lr=5e-2, batch_size=8, epochs=2, compute_dtype="float32")
     outcome = train_top(top, cache, rows, grades, cfg, tmp_path / "ckpt", progress=False)
     assert outcome.steps == 6
+    with pytest.raises(InputError, match="another stage-2 configuration"):
+        train_top(top, cache, rows, grades, replace(cfg, lr=1e-3), tmp_path / "ckpt", progress=False)
     stage2 = predict_logits(top, cache, rows, compute_dtype="float32")
     head2 = head_arrays(top)
     assert not np.allclose(head2[0], head1.weight)  # training moved the head and the blocks

@@ -5,10 +5,11 @@ Stages are imported inside :func:`run_quickstart`, so importing this module need
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -59,37 +60,21 @@ def _require_training_extras() -> None:
 
 
 def fit_pool_shift(bundle: Any, splits: Any, teacher: Any, *, threads: int = 0) -> Any:
-    """Fit the ``ood_train pool`` kind of shift into ``bundle`` (rewritten in place, re-hashed).
+    """Fit the shipped pool's kind of shift into ``bundle`` (rewritten in place, re-hashed): training
+    queries vs ood_train's (grades never read); evidence from dev and ood_dev with the teacher's grades."""
+    from darl_lite.cascade_fit import fit_pool_kind
 
-    Detector: training queries vs the pool's queries (the pool's grades are never read). Evidence:
-    dev (in-distribution) and ood_dev (shifted) pairs with the teacher's grades for them.
-    """
-    from darl_lite.cascade_fit import fit_shift_kind, graded_evidence, write_with_shift_routing
-    from darl_lite.inference import SessionConfig
-    from darl_lite.scorer import Scorer
-    from darl_lite.shift_routing import ShiftRouting
-
-    scorer = Scorer(bundle, session=SessionConfig(intra_op_threads=threads))
-    graded = [*splits.dev, *splits.ood_dev]
-    evidence = graded_evidence(
-        scorer,
-        [p.query for p in graded],
-        [p.item for p in graded],
-        [p.grade for p in graded],
-        teacher.predict_proba(graded),
+    return fit_pool_kind(
+        bundle,
+        name=POOL_KIND,
+        train_queries=[p.query for p in splits.train],
+        pool_queries=[p.query for p in splits.ood_train],
+        dev_pairs=list(splits.dev),
+        shifted_dev_pairs=list(splits.ood_dev),
+        teacher=teacher,
+        list_reserve_pairs=LIST_RESERVE_PAIRS,
+        threads=threads,
     )
-    reference = sorted({p.query for p in splits.train})
-    kind = fit_shift_kind(
-        POOL_KIND,
-        reference_queries=reference,
-        pool_queries=sorted({p.query for p in splits.ood_train}),
-        evidence=evidence,
-        evidence_is_kind=np.r_[np.zeros(len(splits.dev), bool), np.ones(len(splits.ood_dev), bool)],
-        error_threshold=scorer.routing.error_threshold,
-    )
-    logger.info("shift kind %r: %s", kind.name, kind.evidence.get("decision"))
-    shift = ShiftRouting((kind,), tuple(reference), list_reserve_pairs=LIST_RESERVE_PAIRS)
-    return write_with_shift_routing(bundle, shift, str(bundle.directory), overwrite=True)
 
 
 def _served_grades(scorer: Any, queries: Sequence[str], logits: np.ndarray) -> np.ndarray:
@@ -121,38 +106,72 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
     """Run every stage, write ``report.json`` and ``summary.md`` into ``out_dir``, return the report."""
     _require_training_extras()
     from darl_lite.datasets import load_dbpedia
-    from darl_lite.distill.backbone import load_student
-    from darl_lite.distill.trainer import DistillConfig, distill_student, save_student
-    from darl_lite.export.build import ExportConfig, build_bundle
-    from darl_lite.inference import SessionConfig
-    from darl_lite.scorer import Scorer, softmax
     from darl_lite.teacher_file import FileTeacher
 
     cfg = config or QuickstartConfig()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timing: dict[str, float] = {}
-
     splits = load_dbpedia(fold=cfg.fold)
     teacher = FileTeacher.from_file(cfg.teacher_file or shipped_teacher_path())
+    train, n_pool = _training_pairs(cfg, splits, teacher)
+    logger.info("teacher %r (%s); %d training pairs", teacher.name, teacher.kind, len(train))
+    with _timed(timing, "distill"):
+        student_dir, distilled = _distil(cfg, train, teacher, out)
+    with _timed(timing, "export"):
+        bundle = _export(cfg, student_dir, out / "bundle", splits, teacher)
+    with _timed(timing, "score"):
+        scored = _score_test_sets(cfg, bundle, teacher, splits, train)
+    report: dict[str, Any] = {
+        "teacher": {"name": teacher.name, "kind": teacher.kind},
+        "splits": {
+            "train": len(train) - n_pool,
+            "ood_train_pool (teacher grades only)": n_pool,
+            "dev": len(splits.dev),
+            "id_test": len(splits.id_test),
+            "ood_test": len(splits.ood_test),
+        },
+        **scored,
+        "calibration": bundle.manifest["calibration"],
+        "timing_s": {k: round(v, 1) for k, v in timing.items()},
+        "distill": distilled,
+        "bundle": str(bundle.directory),
+        "fold": cfg.fold,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / "summary.md").write_text(render_summary(report), encoding="utf-8")
+    return report
+
+
+@contextlib.contextmanager
+def _timed(timing: dict[str, float], step: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    timing[step] = time.perf_counter() - started
+
+
+def _training_pairs(cfg: QuickstartConfig, splits: Any, teacher: Any) -> tuple[list[Pair], int]:
+    """The train split (optionally subsampled) plus, with ``distil_pool``, the ood_train pool with its
+    human grades removed (unlabeled data, graded by the teacher alone); and the pool's size."""
     train = list(splits.train)
     if cfg.max_train_pairs is not None and cfg.max_train_pairs < len(train):
         rng = np.random.default_rng(cfg.seed)
         train = [train[i] for i in sorted(rng.choice(len(train), cfg.max_train_pairs, replace=False))]
-    n_labelled = len(train)
-    if cfg.distil_pool:
-        # Human grades stay unread: the pool is unlabeled data, graded by the teacher alone.
-        pool = [replace(p, grade=None) for p in splits.ood_train if teacher.covers([p])]
-        if cfg.max_train_pairs is not None and cfg.max_train_pairs < len(pool):
-            rng = np.random.default_rng(cfg.seed + 1)
-            pool = [pool[i] for i in sorted(rng.choice(len(pool), cfg.max_train_pairs, replace=False))]
-        train += pool
-    n_pool = len(train) - n_labelled
-    logger.info("teacher %r (%s); %d training pairs", teacher.name, teacher.kind, len(train))
+    if not cfg.distil_pool:
+        return train, 0
+    pool = [replace(p, grade=None) for p in splits.ood_train if teacher.covers([p])]
+    if cfg.max_train_pairs is not None and cfg.max_train_pairs < len(pool):
+        rng = np.random.default_rng(cfg.seed + 1)
+        pool = [pool[i] for i in sorted(rng.choice(len(pool), cfg.max_train_pairs, replace=False))]
+    return train + pool, len(pool)
 
-    # 1. Distil the teacher's grade distributions into the student.
+
+def _distil(cfg: QuickstartConfig, train: list[Pair], teacher: Any, out: Path) -> tuple[Path, dict[str, Any]]:
+    """Step 1: distil the teacher's grade distributions into the MiniLM student; save it."""
+    from darl_lite.distill.backbone import load_student
+    from darl_lite.distill.trainer import DistillConfig, distill_student, save_student
+
     logger.info("1/3 distilling the teacher into the MiniLM-L6 student (%d pairs)", len(train))
-    started = time.perf_counter()
     model, tokenizer = load_student()
     distill_cfg = DistillConfig(
         epochs=cfg.epochs,
@@ -163,39 +182,51 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
         max_length=cfg.max_length,
         seed=cfg.seed,
     )
-    train_result = distill_student(
+    result = distill_student(
         model, tokenizer, train, teacher.predict_proba(train), distill_cfg, progress=cfg.progress
     )
     student_dir = out / "student"
     save_student(model, tokenizer, student_dir)
-    timing["distill"] = time.perf_counter() - started
-
-    # 2. Export: ONNX fp32 + int8, parity gate, calibration, OOD detector, one bundle.
-    logger.info("2/3 exporting: ONNX fp32 + int8, parity gate, calibration, OOD detector")
-    started = time.perf_counter()
-    teacher_identity = {
-        "name": teacher.name,
-        "kind": teacher.kind,
-        "file": str(cfg.teacher_file or SHIPPED_TEACHER),
+    return student_dir, {
+        "steps": result.steps,
+        "final_loss": _last(result.losses),
+        "config": asdict(distill_cfg),
     }
+
+
+def _export(cfg: QuickstartConfig, student_dir: Path, target: Path, splits: Any, teacher: Any) -> Any:
+    """Step 2: ONNX fp32 + int8, parity gate, calibration, OOD detector, then the shift routing
+    (domain classifier vs the unlabeled pool, prior correction, decisions from dev + ood_dev)."""
+    from darl_lite.export.build import ExportConfig, build_bundle
+
+    logger.info("2/3 exporting: ONNX fp32 + int8, parity gate, calibration, OOD detector, shift routing")
     bundle = build_bundle(
         student_dir,
-        out / "bundle",
+        target,
         train_pairs=splits.train,
         dev_pairs=splits.dev,
         parity_pairs=[*splits.dev, *splits.ood_dev],
-        teacher=teacher_identity,
+        teacher={
+            "name": teacher.name,
+            "kind": teacher.kind,
+            "file": str(cfg.teacher_file or SHIPPED_TEACHER),
+        },
         config=ExportConfig(max_length=cfg.max_length, threads=cfg.threads),
         overwrite=True,
     )
-    # 2b. Distribution-aware routing: a domain classifier (training queries vs the unlabeled pool's),
-    # the student's prior correction and the routing decisions, all from dev + ood_dev evidence.
-    bundle = fit_pool_shift(bundle, splits, teacher, threads=cfg.threads)
-    timing["export"] = time.perf_counter() - started
+    return fit_pool_shift(bundle, splits, teacher, threads=cfg.threads)
 
-    # 3. Score both test sets: fp32 and int8 students, and the int8 cascade routing to the teacher.
+
+def _score_test_sets(
+    cfg: QuickstartConfig, bundle: Any, teacher: Any, splits: Any, train: list[Pair]
+) -> dict[str, Any]:
+    """Step 3: both test sets with the fp32 and int8 students and the int8 cascade routing to the
+    teacher; the route curves, parity, OOD and shift detection, and the mixed-traffic table."""
+    from darl_lite.inference import SessionConfig
+    from darl_lite.mixed_stream import mixed_report
+    from darl_lite.scorer import Scorer, softmax
+
     logger.info("3/3 scoring id_test and ood_test (fp32, int8, int8 cascade routing to the teacher)")
-    started = time.perf_counter()
     session = SessionConfig(intra_op_threads=cfg.threads)
 
     def teacher_fallback(batch: list[tuple[str, str]]) -> np.ndarray:
@@ -205,22 +236,19 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
     cascade = Scorer(bundle, precision="int8", session=session, fallback=teacher_fallback)
     test_sets = {"id_test": list(splits.id_test), "ood_test": list(splits.ood_test)}
     majority = int(np.bincount([p.grade for p in train if p.grade is not None]).argmax())
+    models = ("teacher", "student_fp32", "student_int8_uncorrected", "student_int8", "cascade")
+    metrics: dict[str, dict[str, dict[str, float]]] = {m: {} for m in models}
     baseline: dict[str, dict[str, float]] = {}
-    metrics: dict[str, dict[str, dict[str, float]]] = {
-        m: {} for m in ("teacher", "student_fp32", "student_int8_uncorrected", "student_int8", "cascade")
-    }
-    ood_scores: dict[str, np.ndarray] = {}
+    ood: dict[str, np.ndarray] = {}
     route_rate: dict[str, float] = {}
     curves: dict[str, list[dict[str, Any]]] = {}
-    parity_logits: dict[str, list[np.ndarray]] = {"fp32": [], "int8": []}
+    logits: dict[str, list[np.ndarray]] = {"fp32": [], "int8": []}
     for split, pairs in test_sets.items():
         queries, items = [p.query for p in pairs], [p.item for p in pairs]
-        scored_fp32 = fp32.score_arrays(queries, items)
-        scored = cascade.score_arrays(queries, items)
-        constant = np.zeros((len(pairs), len(bundle.grade_names)))
-        constant[:, majority] = 1.0
-        baseline[split] = _evaluate(constant, pairs)
-        metrics["teacher"][split] = _evaluate(teacher.predict_proba(pairs), pairs)
+        scored_fp32, scored = fp32.score_arrays(queries, items), cascade.score_arrays(queries, items)
+        teacher_probs = teacher.predict_proba(pairs)
+        baseline[split] = _evaluate(np.eye(len(bundle.grade_names))[np.full(len(pairs), majority)], pairs)
+        metrics["teacher"][split] = _evaluate(teacher_probs, pairs)
         metrics["student_fp32"][split] = _evaluate(scored_fp32.student_probabilities, pairs)
         metrics["student_int8_uncorrected"][split] = _evaluate(
             softmax(scored.logits, cascade.temperature), pairs
@@ -230,44 +258,32 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
         metrics["cascade"][split] = _evaluate(scored.probabilities, pairs, scored.grades)
         curves[split] = route_curve(
             scored.student_probabilities,
-            teacher.predict_proba(pairs),
+            teacher_probs,
             cascade.routing.urgency(scored.student_probabilities, scored.ood_scores),
             np.asarray([p.grade for p in pairs]),
             [p.query_id or p.query for p in pairs],
             gains=bundle.grade_gains,
         )
-        ood_scores[split] = scored.ood_scores
-        route_rate[split] = float(scored.from_llm.mean())
-        parity_logits["fp32"].append(scored_fp32.logits)
-        parity_logits["int8"].append(scored.logits)
-    from darl_lite.mixed_stream import mixed_report
-
+        ood[split], route_rate[split] = scored.ood_scores, float(scored.from_llm.mean())
+        logits["fp32"].append(scored_fp32.logits)
+        logits["int8"].append(scored.logits)
+    ids, shifted = test_sets["id_test"], test_sets["ood_test"]
     mixed = mixed_report(
         cascade,
-        test_sets["id_test"],
-        test_sets["ood_test"],
-        teacher.predict_proba(test_sets["id_test"]),
-        teacher.predict_proba(test_sets["ood_test"]),
+        ids,
+        shifted,
+        teacher.predict_proba(ids),
+        teacher.predict_proba(shifted),
         shares=(0.0, 0.10, 0.30, 1.0),
     )
-    timing["score"] = time.perf_counter() - started
-
-    fp32_logits, int8_logits = (np.concatenate(parity_logits[k]) for k in ("fp32", "int8"))
+    fp32_logits, int8_logits = (np.concatenate(logits[k]) for k in ("fp32", "int8"))
     gains = np.asarray(bundle.grade_gains)
-    report: dict[str, Any] = {
-        "teacher": {"name": teacher.name, "kind": teacher.kind},
-        "splits": {
-            "train": len(train) - n_pool,
-            "ood_train_pool (teacher grades only)": n_pool,
-            "dev": len(splits.dev),
-            "id_test": len(splits.id_test),
-            "ood_test": len(splits.ood_test),
-        },
+    return {
         "metrics": metrics,
         "baselines": {"majority_grade": {"grade": majority, **baseline}},
         "ood_detection": {
-            "auroc": auroc(ood_scores["id_test"], ood_scores["ood_test"]),
-            "fpr_at_95_tpr": fpr_at_tpr(ood_scores["id_test"], ood_scores["ood_test"], tpr=0.95),
+            "auroc": auroc(ood["id_test"], ood["ood_test"]),
+            "fpr_at_95_tpr": fpr_at_tpr(ood["id_test"], ood["ood_test"], tpr=0.95),
         },
         "shift_detection": mixed["detection"],
         "routing": {
@@ -282,19 +298,7 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
             "spearman": spearman(softmax(fp32_logits) @ gains, softmax(int8_logits) @ gains),
             "export_gate": bundle.manifest["parity"],
         },
-        "calibration": bundle.manifest["calibration"],
-        "timing_s": {k: round(v, 1) for k, v in timing.items()},
-        "distill": {
-            "steps": train_result.steps,
-            "final_loss": _last(train_result.losses),
-            "config": asdict(distill_cfg),
-        },
-        "bundle": str(bundle.directory),
-        "fold": cfg.fold,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (out / "summary.md").write_text(render_summary(report), encoding="utf-8")
-    return report
 
 
 def _last(values: Sequence[float]) -> float | None:

@@ -1,0 +1,241 @@
+"""The theoretical GEMM peak of this CPU, from its flags and clock: what a measured "peak" must not pass.
+
+    python -m bench.peak            # prints the CPU, the assumption and the int8 / fp32 peaks as JSON
+
+peak (ops/s) = physical cores used × clock × MACs per cycle per core × 2 (a multiply-add is 2 ops).
+
+int8 MACs per cycle per core, by the best instruction set the flags show (onnxruntime's MLAS picks
+the same one):
+
+- ``amx_int8``: one ``tdpbusd`` (16×16 int32 tile, 64 byte pairs each = 16,384 MACs) per 16 cycles
+  on the one tile unit = 1,024;
+- ``avx512_vnni``: ``vpdpbusd`` on a 512-bit register = 64 u8×s8 MACs, × VNNI ports;
+- ``avx_vnni``: ``vpdpbusd`` on a 256-bit register = 32 MACs, × 2 ports;
+- ``avx2``: ``vpmaddubsw`` (32 u8×s8 products) needs ``vpmaddwd`` to widen them before the add:
+  2 multiply uops per 32 MACs on the 2 multiply ports = 32.
+
+VNNI ports by CPU model: AMD family 0x1A (Zen 5) runs 512-bit instructions on full-width pipes, 2 of
+which multiply: 2. AMD family 0x19 (Zen 4) double-pumps 512-bit instructions through 256-bit pipes:
+1 zmm instruction per cycle. Intel Xeon Silver/Bronze and Intel client cores have one 512-bit FMA
+unit: 1. Every other model (Xeon Gold/Platinum, unknown CPUs): 2 — the larger count, so that a
+measured rate flagged above the peak is impossible whichever count the model really has.
+fp32: 16 lanes × 2 × the same ports with AVX-512 (Zen 4: 2 × 256-bit = 32 FLOPs per cycle); AVX2+FMA
+8 lanes × 2 × 2 ports.
+
+Clock: ``cpufreq/cpuinfo_max_freq`` (the highest boost) where the kernel exposes it; else
+``/proc/cpuinfo``'s MHz, which under a hypervisor is the nominal clock and may sit below the boost
+the cores really run at. :func:`checked_peaks` therefore raises the clock to the one the measured
+fp32 rate implies when that is higher (a generous bound: a rate above it is certainly impossible).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+CPUINFO = Path("/proc/cpuinfo")
+SYS_CPU = Path("/sys/devices/system/cpu")
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """What the peak depends on, read from /proc/cpuinfo and sysfs."""
+
+    model_name: str
+    vendor: str
+    family: int | None
+    model: int | None
+    flags: frozenset[str]
+    logical_cpus: int
+    threads_per_core: int
+    clock_ghz: float
+    clock_source: str
+
+    @property
+    def physical_cores(self) -> int:
+        return max(1, self.logical_cpus // max(1, self.threads_per_core))
+
+
+@dataclass(frozen=True)
+class PeakEstimate:
+    """The theoretical int8 and fp32 GEMM peaks for ``cores`` cores at ``clock_ghz``."""
+
+    isa: str
+    int8_macs_per_cycle: int
+    fp32_flops_per_cycle: int
+    ports: int
+    ports_reason: str
+    cores: int
+    clock_ghz: float
+    clock_source: str
+    int8_gops: float = field(init=False)
+    fp32_gflops: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "int8_gops", self.cores * self.clock_ghz * self.int8_macs_per_cycle * 2)
+        object.__setattr__(self, "fp32_gflops", self.cores * self.clock_ghz * self.fp32_flops_per_cycle)
+
+
+def _field(block: str, name: str) -> str | None:
+    for line in block.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == name:
+            return value.strip()
+    return None
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value is not None and value.strip().isdigit() else None
+
+
+def parse_cpuinfo(text: str, max_freq_khz: int | None = None, logical_cpus: int | None = None) -> CpuInfo:
+    """A :class:`CpuInfo` from /proc/cpuinfo's text (its first processor block) and a cpufreq maximum."""
+    blocks = [b for b in text.split("\n\n") if b.strip()]
+    if not blocks:
+        raise ValueError("cpuinfo text has no processor block")
+    first = blocks[0]
+    siblings, cores = _int(_field(first, "siblings")), _int(_field(first, "cpu cores"))
+    threads_per_core = siblings // cores if siblings and cores and siblings >= cores else 1
+    mhz = _field(first, "cpu MHz")
+    if max_freq_khz:
+        clock, source = max_freq_khz / 1e6, "cpufreq cpuinfo_max_freq"
+    elif mhz:
+        clock, source = float(mhz) / 1e3, "/proc/cpuinfo cpu MHz (nominal under a hypervisor)"
+    else:
+        raise ValueError("no clock in cpuinfo and no cpufreq maximum: pass the clock explicitly")
+    return CpuInfo(
+        model_name=_field(first, "model name") or "unknown",
+        vendor=_field(first, "vendor_id") or "unknown",
+        family=_int(_field(first, "cpu family")),
+        model=_int(_field(first, "model")),
+        flags=frozenset((_field(first, "flags") or "").split()),
+        logical_cpus=logical_cpus if logical_cpus is not None else len(blocks),
+        threads_per_core=threads_per_core,
+        clock_ghz=clock,
+        clock_source=source,
+    )
+
+
+def read_cpu_info() -> CpuInfo:
+    """This machine's :class:`CpuInfo` (the CPUs this process may run on)."""
+    max_freq = SYS_CPU / "cpu0" / "cpufreq" / "cpuinfo_max_freq"
+    khz = int(max_freq.read_text().strip()) if max_freq.is_file() else None
+    return parse_cpuinfo(CPUINFO.read_text(), khz, logical_cpus=len(os.sched_getaffinity(0)))
+
+
+def vnni_ports(cpu: CpuInfo) -> tuple[int, str]:
+    """512-bit VNNI/FMA instructions issued per cycle per core for this model, and why."""
+    name = cpu.model_name.lower()
+    if cpu.vendor == "AuthenticAMD" and cpu.family == 0x1A:
+        return 2, "AMD family 0x1A (Zen 5): full-width 512-bit pipes, 2 of them multiply"
+    if cpu.vendor == "AuthenticAMD" and cpu.family == 0x19:
+        return 1, "AMD family 0x19 (Zen 4): 512-bit instructions double-pumped through 256-bit pipes"
+    if cpu.vendor == "GenuineIntel" and ("silver" in name or "bronze" in name or "core" in name):
+        return 1, "Intel Xeon Silver/Bronze or client core: one 512-bit FMA unit"
+    return 2, "two 512-bit units assumed (Xeon Gold/Platinum, or unknown model: the upper bound)"
+
+
+def theoretical_peak(
+    cpu: CpuInfo,
+    threads: int,
+    clock_ghz: float | None = None,
+    clock_source: str = "given",
+    ports: int | None = None,
+) -> PeakEstimate:
+    """The peak of ``threads`` threads: one per physical core at most (SMT siblings share the ports).
+
+    ``ports`` overrides the 512-bit port count :func:`vnni_ports` assumes for the model.
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if ports is not None and ports < 1:
+        raise ValueError(f"ports must be >= 1, got {ports}")
+    ports, reason = (ports, "given") if ports is not None else vnni_ports(cpu)
+    f = cpu.flags
+    fp32 = 16 * 2 * ports if "avx512f" in f else (8 * 2 * 2 if {"avx2", "fma"} <= f else 4 * 2 * 2)
+    if "amx_int8" in f:
+        isa, macs, reason = "amx_int8", 1024, "one AMX tile unit: 16,384 MACs per tdpbusd every 16 cycles"
+    elif "avx512_vnni" in f:
+        isa, macs = "avx512_vnni", 64 * ports
+    elif "avx_vnni" in f:
+        isa, macs, ports, reason = "avx_vnni", 32 * 2, 2, "256-bit vpdpbusd on 2 ports"
+    elif "avx2" in f:
+        isa, macs, ports, reason = "avx2", 32, 2, "vpmaddubsw + vpmaddwd: 2 multiplies per 32 MACs, 2 ports"
+    else:
+        isa, macs, ports, reason = "sse4", 16, 2, "128-bit pmaddubsw + pmaddwd on 2 ports"
+    return PeakEstimate(
+        isa=isa,
+        int8_macs_per_cycle=macs,
+        fp32_flops_per_cycle=fp32,
+        ports=ports,
+        ports_reason=reason,
+        cores=min(threads, cpu.physical_cores),
+        clock_ghz=clock_ghz if clock_ghz is not None else cpu.clock_ghz,
+        clock_source=clock_source if clock_ghz is not None else cpu.clock_source,
+    )
+
+
+def checked_peaks(
+    measured: dict[str, float],
+    cpu: CpuInfo,
+    threads: int,
+    clock_ghz: float | None = None,
+    ports: int | None = None,
+) -> dict:
+    """The measured peaks (``{"int8": GOPS, "fp32": GFLOPS}``; any ``int8_*`` key is held against the
+    int8 peak) against the theoretical ones.
+
+    The clock is raised to the one the measured fp32 rate implies when that is higher than the
+    reported clock (boost above a hypervisor's nominal MHz). A measured rate above the theoretical
+    peak is flagged impossible; the checked peak is the smaller of the two, the figure a
+    "% of peak" may rest on.
+    """
+    base = theoretical_peak(cpu, threads, clock_ghz, ports=ports)
+    implied = measured.get("fp32", 0.0) / (base.cores * base.fp32_flops_per_cycle)
+    estimate = base
+    if clock_ghz is None and implied > base.clock_ghz:
+        source = f"implied by the measured fp32 rate ({base.clock_source}: {base.clock_ghz:.2f} GHz)"
+        estimate = theoretical_peak(cpu, threads, implied, source, ports=ports)
+    theory = {"int8": estimate.int8_gops, "fp32": estimate.fp32_gflops}
+    checks = {}
+    for name, value in measured.items():
+        limit = theory["int8" if name.startswith("int8") else name]  # int8_static: the same units
+        checks[name] = {
+            "measured": value,
+            "theoretical": limit,
+            "ratio": value / limit,
+            "impossible": value > limit * 1.0001,
+            "checked": min(value, limit),
+        }
+    return {
+        "estimate": asdict(estimate),
+        "fp32_implied_clock_ghz": implied,
+        "at_reported_clock": {"int8_gops": base.int8_gops, "fp32_gflops": base.fp32_gflops},
+        "precisions": checks,
+    }
+
+
+def describe(cpu: CpuInfo, threads: int) -> dict:
+    """The CPU and its theoretical peaks, as plain JSON values."""
+    return {
+        "cpu": {**asdict(cpu), "flags": sorted(cpu.flags & _ISA_FLAGS), "physical_cores": cpu.physical_cores},
+        "peak": asdict(theoretical_peak(cpu, threads)),
+    }
+
+
+_ISA_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile"})
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    args = parser.parse_args()
+    print(json.dumps(describe(read_cpu_info(), args.threads), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The theoretical GEMM peak (bench/peak.py) on fixed CPU descriptions: the arithmetic, worked by hand."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
+
+from bench.gemm import check_against_theory
+from bench.peak import checked_peaks, parse_cpuinfo, theoretical_peak
+
+
+def _cpuinfo(n: int, *, vendor: str, family: int, name: str, mhz: float, flags: str, cores: int) -> str:
+    block = (
+        f"processor\t: {{i}}\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: 2\n"
+        f"model name\t: {name}\ncpu MHz\t\t: {mhz}\nsiblings\t: {n}\ncpu cores\t: {cores}\n"
+        f"flags\t\t: {flags}\n"
+    )
+    return "\n".join(block.format(i=i) for i in range(n))
+
+
+ZEN5 = _cpuinfo(
+    2, vendor="AuthenticAMD", family=26, name="AMD EPYC", mhz=2600.0, cores=2,
+    flags="fpu sse avx avx2 fma avx512f avx512bw avx512vl avx_vnni avx512_vnni",
+)  # fmt: skip
+ZEN4 = ZEN5.replace("cpu family\t: 26", "cpu family\t: 25")
+BROADWELL = _cpuinfo(
+    8, vendor="GenuineIntel", family=6, name="Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz", mhz=2400.0,
+    cores=4, flags="fpu sse avx avx2 fma",
+)  # fmt: skip
+
+
+def test_zen5_avx512_vnni_two_ports() -> None:
+    cpu = parse_cpuinfo(ZEN5)
+    peak = theoretical_peak(cpu, threads=2)
+    assert (peak.isa, peak.ports, peak.int8_macs_per_cycle, peak.cores) == ("avx512_vnni", 2, 128, 2)
+    # 2 cores × 2.6 GHz × (64 MACs × 2 ports) × 2 ops = 1,331.2 GOPS; fp32 2 × 2.6 × (16 × 2 × 2)
+    assert peak.int8_gops == pytest.approx(1331.2)
+    assert peak.fp32_gflops == pytest.approx(332.8)
+    assert theoretical_peak(cpu, threads=1).int8_gops == pytest.approx(665.6)
+    assert theoretical_peak(cpu, threads=16).cores == 2  # never more cores than the machine has
+
+
+def test_zen4_double_pumped_one_port() -> None:
+    peak = theoretical_peak(parse_cpuinfo(ZEN4), threads=2)
+    assert (peak.ports, peak.int8_macs_per_cycle, peak.fp32_flops_per_cycle) == (1, 64, 32)
+    assert peak.int8_gops == pytest.approx(2 * 2.6 * 64 * 2)
+
+
+def test_avx2_path_and_smt_siblings_share_a_core() -> None:
+    cpu = parse_cpuinfo(BROADWELL)
+    assert (cpu.logical_cpus, cpu.threads_per_core, cpu.physical_cores) == (8, 2, 4)
+    peak = theoretical_peak(cpu, threads=8)
+    # vpmaddubsw + vpmaddwd: 32 MACs per cycle per core; 4 cores × 2.4 GHz × 32 × 2 = 614.4 GOPS
+    assert (peak.isa, peak.cores, peak.int8_macs_per_cycle) == ("avx2", 4, 32)
+    assert peak.int8_gops == pytest.approx(614.4)
+    assert peak.fp32_gflops == pytest.approx(4 * 2.4 * 32)
+
+
+def test_cpufreq_maximum_and_given_ports_win() -> None:
+    cpu = parse_cpuinfo(ZEN5, max_freq_khz=3_700_000)
+    assert cpu.clock_ghz == pytest.approx(3.7)
+    assert theoretical_peak(cpu, 2, ports=4).int8_gops == pytest.approx(2 * 3.7 * 64 * 4 * 2)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        theoretical_peak(cpu, 0)
+
+
+def test_measured_peak_above_theory_is_flagged_and_not_used() -> None:
+    cpu = parse_cpuinfo(ZEN5)
+    # This project's 2-thread figures: fp32 443 GFLOPS implies 443 / (2 × 64) = 3.46 GHz > 2.6 nominal.
+    check = checked_peaks({"fp32": 443.0, "int8": 3757.0}, cpu, threads=2)
+    clock = 443.0 / 128
+    assert check["fp32_implied_clock_ghz"] == pytest.approx(clock)
+    assert check["estimate"]["clock_ghz"] == pytest.approx(clock)
+    int8 = check["precisions"]["int8"]
+    assert int8["theoretical"] == pytest.approx(2 * clock * 128 * 2)  # 1,772 GOPS
+    assert int8["impossible"] and int8["checked"] == pytest.approx(int8["theoretical"])
+    assert int8["ratio"] == pytest.approx(3757.0 / int8["theoretical"])
+    assert not check["precisions"]["fp32"]["impossible"]
+    assert check["at_reported_clock"]["int8_gops"] == pytest.approx(1331.2)
+
+
+def test_plausible_peak_is_kept_and_gemm_reports_the_checked_one() -> None:
+    cpu = parse_cpuinfo(ZEN5)
+    out = check_against_theory({"fp32": 300.0, "int8": 1000.0}, 4767.0, threads=2, cpu=cpu)
+    assert out["peak_gops"] == {"fp32": 300.0, "int8": 1000.0}  # below the 1,331 GOPS limit: kept
+    assert out["measured_peak_gops"]["int8"] == 1000.0
+    assert out["theoretical_peak_gops"]["int8"] == pytest.approx(1331.2)
+    assert out["peak_check"]["precisions"]["int8_static"]["impossible"]
+    assert out["peak_gops_static_int8"] == pytest.approx(1331.2)
