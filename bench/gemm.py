@@ -152,11 +152,10 @@ def check_against_theory(
     """The measured peaks beside the theoretical ones; ``peak_gops`` is the checked peak."""
     import logging
 
-    from bench.peak import checked_peaks, read_cpu_info
+    from bench.peak import checked_peaks, cpu_record, read_cpu_info
 
-    check = checked_peaks(
-        {**measured, "int8_static": static_int8}, cpu or read_cpu_info(), threads, clock_ghz, ports
-    )
+    cpu = cpu or read_cpu_info()
+    check = checked_peaks({**measured, "int8_static": static_int8}, cpu, threads, clock_ghz, ports)
     theory = check["precisions"]
     for precision, row in theory.items():
         if row["impossible"]:
@@ -168,6 +167,7 @@ def check_against_theory(
                 row["theoretical"],
             )
     return {
+        "cpu": cpu_record(cpu),
         "measured_peak_gops": measured,
         "measured_peak_gops_static_int8": static_int8,
         "theoretical_peak_gops": {p: theory[p]["theoretical"] for p in ("fp32", "int8")},
@@ -175,6 +175,30 @@ def check_against_theory(
         "peak_gops": {p: theory[p]["checked"] for p in ("fp32", "int8")},
         "peak_gops_static_int8": theory["int8_static"]["checked"],
     }
+
+
+def recheck(path: Path, clock_ghz: float | None = None, ports: int | None = None) -> dict:
+    """A results file's measured peaks checked again against the CPU that measured them.
+
+    That CPU is the file's ``cpu`` record; a file written before the record existed is checked
+    against the machine line of ``run.json`` beside it (``bench.run``), else against this machine.
+    """
+    import logging
+
+    from bench.peak import cpu_from_machine_line, cpu_from_record, read_cpu_info
+
+    old = json.loads(path.read_text())
+    run_json = path.parent / "run.json"
+    if "cpu" in old:
+        cpu = cpu_from_record(old["cpu"])
+    elif run_json.is_file() and "machine" in json.loads(run_json.read_text()):
+        cpu = cpu_from_machine_line(json.loads(run_json.read_text())["machine"])
+    else:
+        logging.getLogger(__name__).warning("%s records no CPU: checking against this machine's", path)
+        cpu = read_cpu_info()
+    measured = old.get("measured_peak_gops", old["peak_gops"])
+    static = old.get("measured_peak_gops_static_int8", old["peak_gops_static_int8"])
+    return {**old, **check_against_theory(measured, static, old["threads"], clock_ghz, ports, cpu)}
 
 
 def _runner(path: Path, options, feeds):
@@ -193,17 +217,14 @@ def main() -> None:
         "--clock-ghz", type=float, default=None, help="the cores' real (boost) clock, if the kernel hides it"
     )
     parser.add_argument(
-        "--ports", type=int, default=None, help="512-bit VNNI/FMA ports per core, if not the model's default"
+        "--ports", type=int, default=None, help="512-bit VNNI ports per core, if not the model's default"
     )
     parser.add_argument(
         "--recheck", action="store_true", help="re-check the peaks of an existing --out file, measure nothing"
     )
     args = parser.parse_args()
     if args.recheck:
-        old = json.loads(args.out.read_text())
-        measured = old.get("measured_peak_gops", old["peak_gops"])
-        static = old.get("measured_peak_gops_static_int8", old["peak_gops_static_int8"])
-        result = {**old, **check_against_theory(measured, static, old["threads"], args.clock_ghz, args.ports)}
+        result = recheck(args.out, args.clock_ghz, args.ports)
     else:
         result = measure(args.threads, args.budget, args.clock_ghz, args.ports)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -146,15 +146,20 @@ def theoretical_peak(
 ) -> PeakEstimate:
     """The peak of ``threads`` threads: one per physical core at most (SMT siblings share the ports).
 
-    ``ports`` overrides the 512-bit port count :func:`vnni_ports` assumes for the model.
+    ``ports`` overrides the int8 (VNNI) port count :func:`vnni_ports` assumes for the model; the fp32
+    peak keeps the model's FMA port count.
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     if ports is not None and ports < 1:
         raise ValueError(f"ports must be >= 1, got {ports}")
-    ports, reason = (ports, "given") if ports is not None else vnni_ports(cpu)
+    fma_ports, reason = vnni_ports(cpu)
+    if ports is None:
+        ports = fma_ports
+    else:
+        reason = f"given: {ports} VNNI ports (fp32 keeps the model's {fma_ports} FMA ports)"
     f = cpu.flags
-    fp32 = 16 * 2 * ports if "avx512f" in f else (8 * 2 * 2 if {"avx2", "fma"} <= f else 4 * 2 * 2)
+    fp32 = 16 * 2 * fma_ports if "avx512f" in f else (8 * 2 * 2 if {"avx2", "fma"} <= f else 4 * 2 * 2)
     if "amx_int8" in f:
         isa, macs, reason = "amx_int8", 1024, "one AMX tile unit: 16,384 MACs per tdpbusd every 16 cycles"
     elif "avx512_vnni" in f:
@@ -217,15 +222,46 @@ def checked_peaks(
     }
 
 
+_ISA_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile"})
+
+
+def cpu_record(cpu: CpuInfo) -> dict:
+    """``cpu`` as plain JSON values (its ISA flags only): what a results file keeps to be re-checked."""
+    return {**asdict(cpu), "flags": sorted(cpu.flags & _ISA_FLAGS), "physical_cores": cpu.physical_cores}
+
+
+def cpu_from_record(record: dict) -> CpuInfo:
+    """The :class:`CpuInfo` a :func:`cpu_record` describes."""
+    fields = {k: v for k, v in record.items() if k != "physical_cores"}
+    return CpuInfo(**{**fields, "flags": frozenset(record["flags"])})
+
+
+def cpu_from_machine_line(line: str) -> CpuInfo:
+    """A :class:`CpuInfo` from ``bench.run``'s machine line, ``"2 vCPUs of MODEL (flag, flag), ..."``.
+
+    That line keeps no clock and no core topology: the clock is left at 0 (unknown), so
+    :func:`checked_peaks` takes the one the measured fp32 rate implies, and each vCPU counts as a core.
+    """
+    count, _, rest = line.partition(" vCPUs of ")
+    model, _, tail = rest.partition(" (")
+    if not count.strip().isdigit() or not tail:
+        raise ValueError(f"not a bench.run machine line: {line[:80]!r}")
+    flags = frozenset(f.strip() for f in tail.split(")", 1)[0].split(","))
+    if "avx512f" in flags:
+        flags |= {"avx2", "fma"}
+    vendor = (
+        "GenuineIntel"
+        if "intel" in model.lower()
+        else "AuthenticAMD"
+        if "amd" in model.lower()
+        else "unknown"
+    )
+    return CpuInfo(model, vendor, None, None, flags, int(count), 1, 0.0, "unknown (not recorded)")
+
+
 def describe(cpu: CpuInfo, threads: int) -> dict:
     """The CPU and its theoretical peaks, as plain JSON values."""
-    return {
-        "cpu": {**asdict(cpu), "flags": sorted(cpu.flags & _ISA_FLAGS), "physical_cores": cpu.physical_cores},
-        "peak": asdict(theoretical_peak(cpu, threads)),
-    }
-
-
-_ISA_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile"})
+    return {"cpu": cpu_record(cpu), "peak": asdict(theoretical_peak(cpu, threads))}
 
 
 def main() -> None:

@@ -31,7 +31,8 @@ import onnxruntime as ort
 from bench.common import latency_requests
 from darl_lite import Scorer, SessionConfig
 from darl_lite.bundle import model_role
-from darl_lite.scorer import ScoredArrays, _check_items, _check_text, softmax
+from darl_lite.cascade import plan_call
+from darl_lite.scorer import ScoredArrays, _check_items, _check_text
 
 
 def _median(fn, reps: int) -> float:
@@ -65,27 +66,31 @@ def stage_split(scorer: Scorer, query: str, items: list[str], reps: int) -> dict
         logits, pooled, ood = outputs.logits, outputs.pooled, outputs.ood
         tick("session_runs_and_scatter", t)
         t = time.perf_counter()
-        student = softmax(logits, scorer.temperature)
-        t = tick("softmax", t)
         ood = ood.astype(np.float64) if ood is not None else scorer.detector.score(pooled)
         t = tick("ood_score (numpy; ~0 when in the graph)", t)
-        decision = scorer.routing.decide(student, ood)
-        notes = [""] * n
-        for i in np.flatnonzero(decision.candidate & ~decision.routed):
-            notes[i] = "x"
-        for i in np.flatnonzero(decision.routed):
-            notes[i] = "no fallback configured: student answer kept"
-        t = tick("routing_notes", t)
+        routing = plan_call(
+            logits,
+            ood,
+            queries,
+            temperature=scorer.temperature,
+            policy=scorer.routing,
+            shift=scorer.shift,
+            budget=scorer.budget,
+        )
+        t = tick("softmax_shift_routing (darl_lite.cascade.plan_call)", t)
         scored = ScoredArrays(
-            probabilities=student,
-            student_probabilities=student,
+            probabilities=routing.student,
+            student_probabilities=routing.student,
             logits=logits,
             ood_scores=ood,
-            candidate=decision.candidate,
-            routed=decision.routed,
+            candidate=routing.candidate,
+            routed=routing.routed,
             from_llm=np.zeros(n, bool),
             truncated=plan.truncated,
-            notes=notes,
+            notes=routing.notes,
+            query_shift=routing.query_shift,
+            list_routed=routing.list_routed,
+            grades=routing.grades,
         )
         scorer._to_results(scored)
         tick("result_objects", t)

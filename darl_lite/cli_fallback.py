@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from darl_lite.budget import RouteBudget
@@ -19,7 +20,7 @@ from darl_lite.errors import InputError
 from darl_lite.llm.factory import PROTOCOLS, GradeClient, fallback_from_url
 
 if TYPE_CHECKING:
-    from darl_lite.scorer import PairScore
+    from darl_lite.scorer import PairScore, Scorer
 
 
 def add_fallback_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,14 +76,11 @@ def fallback_from_args(args: argparse.Namespace) -> tuple[GradeClient | None, Ro
     budget = RouteBudget(args.route_budget, window_s=60.0) if args.route_budget is not None else None
     if args.fallback_url is None:
         return None, budget
-    api_key = None
-    if args.fallback_token_env:
-        api_key = os.environ.get(args.fallback_token_env, "")
-        if not api_key.strip():
-            raise InputError(
-                f"--fallback-token-env {args.fallback_token_env}: that environment variable is unset or "
-                "empty; export the fallback's token in it, or drop the option"
-            )
+    api_key = secret_from_env(
+        "--fallback-token-env",
+        args.fallback_token_env,
+        "export the fallback's token in it, or drop the option",
+    )
     client = fallback_from_url(
         args.fallback_url,
         api_key=api_key,
@@ -94,6 +92,43 @@ def fallback_from_args(args: argparse.Namespace) -> tuple[GradeClient | None, Ro
         max_concurrency=args.fallback_concurrency,
     )
     return client, budget
+
+
+def secret_from_env(option: str, var: str | None, fix: str) -> str | None:
+    """The value of the environment variable ``var`` named by ``option`` (None when no ``var``).
+
+    An unset or blank variable is an :class:`InputError` (``fix`` says what to do): serving with an
+    empty token would look configured and accept anyone.
+    """
+    if not var:
+        return None
+    value = os.environ.get(var, "")
+    if not value.strip():
+        raise InputError(f"{option} {var}: that environment variable is unset or empty; {fix}")
+    return value
+
+
+@contextmanager
+def scorer_from_args(args: argparse.Namespace) -> Iterator[Scorer]:
+    """The bundle's scorer with the fallback and budget the options ask for; closes the fallback on exit.
+
+    Reads ``bundle``, ``precision`` and ``threads`` besides the fallback options.
+    """
+    from darl_lite.inference import SessionConfig
+    from darl_lite.scorer import Scorer
+
+    fallback, budget = fallback_from_args(args)
+    try:
+        yield Scorer.load(
+            args.bundle,
+            precision=args.precision,
+            session=SessionConfig(intra_op_threads=args.threads),
+            fallback=fallback,
+            budget=budget,
+        )
+    finally:
+        if fallback is not None:
+            fallback.close()
 
 
 def routing_summary(results: Sequence[PairScore]) -> str:

@@ -6,13 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from darl_lite.cli_options import add_fold_option
+
 
 def register(sub: Any) -> None:
     quick = sub.add_parser(
         "quickstart", allow_abbrev=False, help="run the whole pipeline on the shipped data"
     )
     quick.add_argument("--out", default="darl-lite-run", help="output folder (default: darl-lite-run)")
-    quick.add_argument("--fold", type=int, default=0, choices=range(5), help="official fold (0-4)")
+    add_fold_option(quick)
     quick.add_argument("--teacher", default=None, help="teacher outputs file (default: the shipped one)")
     quick.add_argument("--epochs", type=int, default=1)
     quick.add_argument("--max-train-pairs", type=int, default=None, help="subsample training pairs")

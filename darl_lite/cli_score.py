@@ -29,24 +29,11 @@ def register(sub: Any) -> None:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from darl_lite.cli_fallback import fallback_from_args, routing_summary
-    from darl_lite.inference import SessionConfig
-    from darl_lite.scorer import Scorer
+    from darl_lite.cli_fallback import routing_summary, scorer_from_args
 
     items = _read_items(args.items)
-    fallback, budget = fallback_from_args(args)
-    scorer = Scorer.load(
-        args.bundle,
-        precision=args.precision,
-        session=SessionConfig(intra_op_threads=args.threads),
-        fallback=fallback,
-        budget=budget,
-    )
-    try:
+    with scorer_from_args(args) as scorer:
         results = scorer.score(args.query, items)
-    finally:
-        if fallback is not None:
-            fallback.close()
     if summary := routing_summary(results):
         print(summary, file=sys.stderr)
     if args.json:

@@ -7,26 +7,19 @@ The fallback and routing-budget options are :mod:`darl_lite.cli_fallback`'s, sha
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
-from darl_lite.cli_fallback import add_fallback_arguments, fallback_from_args
-from darl_lite.errors import InputError
+from darl_lite.cli_fallback import add_fallback_arguments, scorer_from_args, secret_from_env
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from darl_lite.inference import SessionConfig
-    from darl_lite.scorer import Scorer
     from darl_lite.serve import ServeConfig, serve
 
-    token = None
-    if args.token_env:
-        token = os.environ.get(args.token_env, "")
-        if not token.strip():
-            raise InputError(
-                f"--token-env {args.token_env}: that environment variable is unset or empty; "
-                "export the bearer token in it, or drop --token-env to serve without one"
-            )
+    token = secret_from_env(
+        "--token-env",
+        args.token_env,
+        "export the bearer token in it, or drop --token-env to serve without one",
+    )
     config = ServeConfig(
         host=args.host,
         port=args.port,
@@ -34,19 +27,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         openapi=not args.no_openapi,
     )
-    fallback, budget = fallback_from_args(args)
-    try:
-        scorer = Scorer.load(
-            args.bundle,
-            precision=args.precision,
-            session=SessionConfig(intra_op_threads=args.threads),
-            fallback=fallback,
-            budget=budget,
-        )
+    with scorer_from_args(args) as scorer:
         serve(scorer, config, token=token)
-    finally:
-        if fallback is not None:
-            fallback.close()
     return 0
 
 

@@ -71,14 +71,28 @@ def _probs(values: ArrayLike, name: str = "probs") -> FloatArray:
         raise InputError(f"{name} must be a non-empty (N, C) matrix, got shape {arr.shape}")
     if not np.all(np.isfinite(arr)) or arr.min() < 0.0 or arr.max() > 1.0:
         raise InputError(f"{name} must be finite and in [0, 1]; pass softmax probabilities, not logits")
+    check_probability_rows(arr, name)
+    return arr
+
+
+def check_probability_rows(arr: np.ndarray, name: str, tol: float = PROB_SUM_TOL) -> None:
+    """:class:`InputError` unless every row of the finite ``(N, C)`` ``arr`` is >= 0 and sums to 1.
+
+    The one check of "these are probabilities" that metrics and training share: a row of logits
+    passed by mistake fails here with a message that says so.
+    """
+    if arr.min() < 0:
+        raise InputError(
+            f"{name} must be >= 0; row {int(np.argmin(arr.min(axis=1)))} has a negative value; "
+            "pass softmax probabilities, not logits"
+        )
     sums = arr.sum(axis=1)
-    bad = np.flatnonzero(np.abs(sums - 1.0) > PROB_SUM_TOL)
+    bad = np.flatnonzero(np.abs(sums - 1.0) > tol)
     if bad.size:
         raise InputError(
-            f"{name} rows must sum to 1 (±{PROB_SUM_TOL}), got row {int(bad[0])} summing to "
-            f"{float(sums[bad[0]]):.6g}; pass softmax probabilities, not logits"
+            f"{name} rows must sum to 1 (±{tol}); {bad.size} rows do not, e.g. row {int(bad[0])} "
+            f"summing to {float(sums[bad[0]]):.6g}; pass softmax probabilities, not logits"
         )
-    return arr
 
 
 def _same_length(**arrays: np.ndarray) -> None:

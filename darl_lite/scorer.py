@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -184,17 +184,10 @@ class Scorer:
 
     def score_many(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[list[PairScore]]:
         """Many queries in one batch: ``[(query, items), ...]`` → one result list per query."""
-        if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence):
-            raise InputError("requests must be a sequence of (query, items) tuples")
         queries: list[str] = []
         items: list[str] = []
         sizes: list[int] = []
-        for i, request in enumerate(requests):
-            if not (isinstance(request, Sequence) and len(request) == 2):
-                raise InputError(
-                    f"requests[{i}] must be a (query, items) tuple, got {type(request).__name__}"
-                )
-            query, its = request
+        for i, (query, its) in enumerate(_two_tuples(requests, "requests", "(query, items)")):
             _check_text(query, f"requests[{i}].query")
             _check_items(its, f"requests[{i}].items")
             queries.extend([query] * len(its))
@@ -230,14 +223,9 @@ class Scorer:
 
         Validated like :meth:`score`: errors name the pair, e.g. ``pairs[3].item is empty``.
         """
-        if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
-            raise InputError(f"pairs must be a list of (query, item) tuples, got {type(pairs).__name__}")
         queries: list[str] = []
         items: list[str] = []
-        for i, pair in enumerate(pairs):
-            if isinstance(pair, (str, bytes)) or not (isinstance(pair, Sequence) and len(pair) == 2):
-                raise InputError(f"pairs[{i}] must be a (query, item) tuple, got {type(pair).__name__}")
-            query, item = pair
+        for i, (query, item) in enumerate(_two_tuples(pairs, "pairs", "(query, item)")):
             _check_text(query, f"pairs[{i}].query")
             _check_text(item, f"pairs[{i}].item")
             queries.append(query)
@@ -347,6 +335,17 @@ class Scorer:
                 strict=True,
             )
         ]
+
+
+def _two_tuples(values: object, field: str, shape: str) -> list[tuple[Any, Any]]:
+    """``values`` as a list of 2-tuples, or :class:`InputError` naming ``field[i]`` (``shape`` says
+    what one should be, e.g. ``"(query, item)"``); the members are checked by the caller."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise InputError(f"{field} must be a list of {shape} tuples, got {type(values).__name__}")
+    for i, value in enumerate(values):
+        if isinstance(value, (str, bytes)) or not (isinstance(value, Sequence) and len(value) == 2):
+            raise InputError(f"{field}[{i}] must be a {shape} tuple, got {type(value).__name__}")
+    return [(value[0], value[1]) for value in values]
 
 
 def _check_text(value: object, field: str) -> None:

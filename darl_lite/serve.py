@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from darl_lite.errors import InputError, MissingExtraError
+from darl_lite.http_body import HTTPProblem
+from darl_lite.http_body import read_body as read_capped_body
 from darl_lite.scorer import Scorer
 from darl_lite.serve_metrics import ENDPOINTS, LATENCY_BUCKETS, TimedFallback
 
@@ -47,14 +49,6 @@ class ServeConfig:
             raise InputError("max_items and max_body_bytes must be >= 1")
         if not 0 <= self.port <= 65535:
             raise InputError(f"port must lie in [0, 65535], got {self.port}")
-
-
-class HTTPProblem(Exception):
-    """An error answered as ``{"detail": message}`` with ``status``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _import_fastapi() -> Any:
@@ -112,17 +106,7 @@ def parse_score_body(body: object, max_items: int) -> tuple[bool, list[tuple[str
 
 async def read_body(request: Any, max_body_bytes: int) -> bytes:
     """The request body, refused with 413 as soon as it passes ``max_body_bytes`` (declared or streamed)."""
-    too_big = f"request body exceeds the limit of {max_body_bytes} bytes (--max-body-bytes)"
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-        raise HTTPProblem(413, too_big)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_body_bytes:
-            raise HTTPProblem(413, too_big)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await read_capped_body(request, max_body_bytes, " (--max-body-bytes)")
 
 
 def create_app(

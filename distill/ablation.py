@@ -29,14 +29,17 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from darl_lite.errors import InputError
 from darl_lite.types import Pair
+
+if TYPE_CHECKING:
+    from darl_lite.distill.recipe import RecipeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -145,26 +148,65 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     import torch
 
-    from darl_lite.datasets import load_dbpedia
-    from darl_lite.distill.backbone import load_student
-    from darl_lite.distill.dasa import human_labeler
-    from darl_lite.distill.recipe import RecipeConfig, run_recipe
-    from darl_lite.distill.stages import LoraSettings
-    from darl_lite.distill.trainer import predict_logits
-    from darl_lite.metrics import grading_report
-    from darl_lite.scorer import softmax
-    from darl_lite.teacher_file import FileTeacher, shipped_teacher_path
-
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.smoke:
-        args.max_train_pairs = args.max_train_pairs or 200
-        args.max_dev_pairs = min(args.max_dev_pairs, 100)
-        args.max_test_pairs = args.max_test_pairs or 100
-        args.augment_budget = min(args.augment_budget, 50)
-        args.max_pool_pairs = args.max_pool_pairs or 1000
+        _apply_smoke(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    data = _load_data(args)
+    base, steps = _base_config(args, data)
+    report: dict[str, Any] = {
+        "command": "python -m darl_lite.distill.ablation "
+        + " ".join(sys.argv[1:] if argv is None else list(argv)),
+        "teacher": {
+            "name": data.teacher.name,
+            "kind": data.teacher.kind,
+            "file": args.teacher_file or "shipped",
+        },
+        "sizes": {
+            "train": len(data.train),
+            "pool": len(data.pool),
+            "augment_budget": base.augment_budget,
+            "per_query_cap": base.per_query_cap,
+            **{k: len(v) for k, v in {**data.dev_sets, **data.test_sets}.items()},
+        },
+        "finetune_steps_per_arm": steps,
+        "config": {k: v for k, v in asdict(base).items() if k != "lora"} | {"lora_r": args.lora_r},
+        "arms": {},
+    }
+    for name in args.arms:
+        report["arms"][name] = _run_arm(name, args, base, data)
+        (out / "ablation.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (out / "ablation.md").write_text(_markdown(report), encoding="utf-8")
+    return report
+
+
+def _apply_smoke(args: argparse.Namespace) -> None:
+    """``--smoke``: small sizes wherever the command line left the default."""
+    args.max_train_pairs = args.max_train_pairs or 200
+    args.max_dev_pairs = min(args.max_dev_pairs, 100)
+    args.max_test_pairs = args.max_test_pairs or 100
+    args.augment_budget = min(args.augment_budget, 50)
+    args.max_pool_pairs = args.max_pool_pairs or 1000
+
+
+@dataclass(frozen=True)
+class _Data:
+    """The ablation's pairs: train (with the teacher's probabilities), dev, test and the pool."""
+
+    teacher: Any
+    train: list[Pair]
+    teacher_probs: np.ndarray
+    dev_sets: dict[str, list[Pair]]
+    test_sets: dict[str, list[Pair]]
+    pool: list[Pair]
+
+
+def _load_data(args: argparse.Namespace) -> _Data:
+    """The shipped fold's splits, subsampled as the options ask (seeded; whole queries where it matters)."""
+    from darl_lite.datasets import load_dbpedia
+    from darl_lite.teacher_file import FileTeacher, shipped_teacher_path
 
     splits = load_dbpedia(fold=args.fold)
     teacher = FileTeacher.from_file(args.teacher_file or shipped_teacher_path())
@@ -181,14 +223,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "ood_test": _subsample_queries(splits.ood_test, args.max_test_pairs, args.seed),
     }
     pool = _subsample_queries(splits.ood_train, args.max_pool_pairs, args.seed)
-    teacher_probs = teacher.predict_proba(train)
-    pool_queries = len({p.query_id for p in pool})
-    budget = min(args.augment_budget, len(pool))
+    return _Data(teacher, train, teacher.predict_proba(train), dev_sets, test_sets, pool)
+
+
+def _base_config(args: argparse.Namespace, data: _Data) -> tuple[RecipeConfig, int]:
+    """The config every arm starts from, and the stage-2 steps each takes (the equal budget)."""
+    from darl_lite.distill.recipe import RecipeConfig
+    from darl_lite.distill.stages import LoraSettings
+
+    pool_queries = len({p.query_id for p in data.pool})
+    budget = min(args.augment_budget, len(data.pool))
     cap = args.per_query_cap or max(1, math.ceil(2 * budget / max(pool_queries, 1)))
     if budget < 1 and any(ARMS[a][2] for a in args.arms):
         raise InputError("--augment-budget must be >= 1 for the augmentation arms")
     # Equal budget: every arm takes the optimiser steps of `epochs` passes over train + augmentation.
-    steps = args.epochs * math.ceil((len(train) + budget) / args.batch_size)
+    steps = args.epochs * math.ceil((len(data.train) + budget) / args.batch_size)
     base = RecipeConfig(
         epochs=args.epochs + 1,  # enough passes for the arms without augmentation to reach `steps`
         batch_size=args.batch_size,
@@ -201,56 +250,48 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         lora=None if args.lora_r is None else LoraSettings(r=args.lora_r, alpha=2 * args.lora_r),
         seed=args.seed,
     )
+    return base, steps
+
+
+def _run_arm(name: str, args: argparse.Namespace, base: RecipeConfig, data: _Data) -> dict[str, Any]:
+    """One arm from a fresh student: the recipe, then the test metrics; its entry in the report."""
+    from darl_lite.distill.backbone import load_student
+    from darl_lite.distill.dasa import human_labeler
+    from darl_lite.distill.recipe import run_recipe
+    from darl_lite.distill.trainer import predict_logits
+    from darl_lite.metrics import grading_report
+    from darl_lite.scorer import softmax
 
     def labeler(chosen: Sequence[Pair]) -> np.ndarray:
-        return human_labeler(chosen) if args.labeler == "human" else teacher.predict_proba(list(chosen))
+        return human_labeler(chosen) if args.labeler == "human" else data.teacher.predict_proba(list(chosen))
 
-    report: dict[str, Any] = {
-        "command": "python -m darl_lite.distill.ablation "
-        + " ".join(sys.argv[1:] if argv is None else list(argv)),
-        "teacher": {"name": teacher.name, "kind": teacher.kind, "file": args.teacher_file or "shipped"},
-        "sizes": {
-            "train": len(train),
-            "pool": len(pool),
-            "augment_budget": budget,
-            "per_query_cap": cap,
-            **{k: len(v) for k, v in {**dev_sets, **test_sets}.items()},
-        },
-        "finetune_steps_per_arm": steps,
-        "config": {k: v for k, v in asdict(base).items() if k != "lora"} | {"lora_r": args.lora_r},
-        "arms": {},
-    }
-    for name in args.arms:
-        loss, stages, augmentation = ARMS[name]
-        logger.info("arm %s: loss=%s stages=%s augmentation=%s", name, loss, stages, augmentation)
-        started = time.perf_counter()
-        model, tokenizer = load_student(args.backbone, max_length=args.max_length, seed=args.seed)
-        if args.device:
-            model.to(args.device)
-        result = run_recipe(
-            model,
-            tokenizer,
-            train,
-            dev_sets,
-            config=replace(base, loss=loss, stages=stages),
-            teacher_probs=teacher_probs,
-            augmentation=augmentation,
-            pool=pool,
-            labeler=labeler,
-            progress=True,
+    loss, stages, augmentation = ARMS[name]
+    logger.info("arm %s: loss=%s stages=%s augmentation=%s", name, loss, stages, augmentation)
+    started = time.perf_counter()
+    model, tokenizer = load_student(args.backbone, max_length=args.max_length, seed=args.seed)
+    if args.device:
+        model.to(args.device)
+    result = run_recipe(
+        model,
+        tokenizer,
+        data.train,
+        data.dev_sets,
+        config=replace(base, loss=loss, stages=stages),
+        teacher_probs=data.teacher_probs,
+        augmentation=augmentation,
+        pool=data.pool,
+        labeler=labeler,
+        progress=True,
+    )
+    test = {
+        split: grading_report(
+            softmax(predict_logits(result.model, tokenizer, pairs, max_length=args.max_length)), pairs
         )
-        test = {
-            split: grading_report(
-                softmax(predict_logits(result.model, tokenizer, pairs, max_length=args.max_length)), pairs
-            )
-            for split, pairs in test_sets.items()
-        }
-        seconds = time.perf_counter() - started
-        report["arms"][name] = {"summary": result.summary(), "test": test, "seconds": seconds}
-        logger.info("arm %s done in %.0f s: %s", name, seconds, json.dumps(test))
-        (out / "ablation.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    (out / "ablation.md").write_text(_markdown(report), encoding="utf-8")
-    return report
+        for split, pairs in data.test_sets.items()
+    }
+    seconds = time.perf_counter() - started
+    logger.info("arm %s done in %.0f s: %s", name, seconds, json.dumps(test))
+    return {"summary": result.summary(), "test": test, "seconds": seconds}
 
 
 if __name__ == "__main__":

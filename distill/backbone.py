@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -197,3 +198,48 @@ def pad_token_id_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) 
         if candidate is not None:
             return int(candidate)
     return 0
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Positions ``0..len(lengths)-1`` shortest first (ties in input order), cut into batches.
+
+    Every inference loop batches this way: similar lengths pad least, and the caller scatters each
+    batch's rows back to their positions, so results come out in input order.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+@dataclass(frozen=True)
+class TokenizedPairs:
+    """Pairs tokenised once for a training run: features, their lengths (to bucket by), pad id, device."""
+
+    features: list[dict[str, list[int]]]
+    lengths: list[int]
+    pad_id: int
+    device: torch.device
+
+    @classmethod
+    def of(
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        pairs: Sequence[Pair],
+        max_length: int,
+    ) -> TokenizedPairs:
+        """:func:`tokenize_pairs` as ``model`` reads them (token type ids only where it takes them)."""
+        features = tokenize_pairs(tokenizer, pairs, max_length, token_type_ids=accepts_token_type_ids(model))
+        return cls(
+            features=features,
+            lengths=[len(f["input_ids"]) for f in features],
+            pad_id=pad_token_id_of(model, tokenizer),
+            device=model_device(model),
+        )
+
+    def sorted_batches(self, batch_size: int) -> list[list[int]]:
+        """Positions in batches of ``batch_size``, shortest pairs first (least padding, for inference)."""
+        return length_sorted_batches(self.lengths, batch_size)
+
+    def collate(self, batch: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The model inputs of the pairs at positions ``batch``, on the model's device."""
+        return collate([self.features[i] for i in batch], self.pad_id, self.device)

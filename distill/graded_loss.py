@@ -30,6 +30,7 @@ Every function returns a scalar averaged over the pairs that take part (rows who
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -247,6 +248,24 @@ def _check_weights(ordinal_weight: float, confidence_weight: float) -> None:
         raise InputError(f"confidence_weight must be >= 0; got {confidence_weight}")
 
 
+def _plus_terms(
+    loss: torch.Tensor,
+    z: torch.Tensor,
+    target: Callable[[], torch.Tensor],
+    ordinal_weight: float,
+    confidence_weight: float,
+    ordinal: OrdinalKind,
+    kind: ConfidenceKind,
+    margin: float,
+) -> torch.Tensor:
+    """``loss + λ_o · ordinal(z, target()) + λ_c · overconfidence(z)``; a zero-weight term is not computed."""
+    if ordinal_weight > 0:
+        loss = loss + ordinal_weight * ordinal_loss(z, target(), ordinal)
+    if confidence_weight > 0:
+        loss = loss + confidence_weight * overconfidence_loss(z, kind, margin)
+    return loss
+
+
 def graded_loss(
     logits: torch.Tensor,
     grades: torch.Tensor,
@@ -273,11 +292,8 @@ def graded_loss(
     z = logits[graded]
     y = grades.long()[graded]
     loss = F.cross_entropy(z, y)
-    if ordinal_weight > 0:
-        loss = loss + ordinal_weight * ordinal_loss(z, _one_hot(y, z.shape[1], z.dtype), ordinal)
-    if confidence_weight > 0:
-        loss = loss + confidence_weight * overconfidence_loss(z, kind, margin)
-    return loss
+    one_hot = lambda: _one_hot(y, z.shape[1], z.dtype)  # noqa: E731 - built only if the term is on
+    return _plus_terms(loss, z, one_hot, ordinal_weight, confidence_weight, ordinal, kind, margin)
 
 
 def soft_graded_loss(
@@ -308,11 +324,7 @@ def soft_graded_loss(
     else:
         tempered = tempered_teacher_probs(target, temperature)
         loss = temperature**2 * soft_cross_entropy(logits / temperature, tempered)
-    if ordinal_weight > 0:
-        loss = loss + ordinal_weight * ordinal_loss(logits, target, ordinal)
-    if confidence_weight > 0:
-        loss = loss + confidence_weight * overconfidence_loss(logits, kind, margin)
-    return loss
+    return _plus_terms(loss, logits, lambda: target, ordinal_weight, confidence_weight, ordinal, kind, margin)
 
 
 def graded_distillation_loss(

@@ -28,7 +28,7 @@ import torch
 from numpy.typing import NDArray
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from darl_lite.distill.backbone import collate, local_model_dir, model_device
+from darl_lite.distill.backbone import collate, length_sorted_batches, local_model_dir, model_device
 from darl_lite.errors import InputError
 from darl_lite.llm.prompt import (
     DEFAULT_GRADE_TOKENS,
@@ -89,11 +89,9 @@ class NextTokenModel:
         """As :meth:`next_token_logprobs`, for prompts already turned into token ids."""
         vocab = int(self.model.get_output_embeddings().weight.shape[0])
         out = torch.empty((len(encoded), vocab), dtype=torch.float32)
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         device = model_device(self.model)
         with self._lock, torch.no_grad():
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start : start + self.batch_size]
+            for idx in length_sorted_batches([len(e) for e in encoded], self.batch_size):
                 batch = collate([{"input_ids": list(encoded[i])} for i in idx], self.pad_token_id, device)
                 last = torch.tensor([len(encoded[i]) - 1 for i in idx], device=device)
                 if self._keep_param:  # compute logits only at the positions some row ends at

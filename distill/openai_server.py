@@ -247,19 +247,12 @@ def make_server(
     *,
     model_name: str = "local",
     max_logprobs: int = 20,
-) -> ThreadingHTTPServer:
-    """A bound, not yet serving, server (``serve_forever`` runs it). Port 0 picks a free port."""
-    return _make_server(model, tokenizer, host, port, model_name, max_logprobs)
-
-
-def _make_server(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    host: str,
-    port: int,
-    model_name: str,
-    max_logprobs: int,
 ) -> _Server:
+    """A bound, not yet serving, server (``serve_forever`` runs it). Port 0 picks a free port.
+
+    A :class:`http.server.ThreadingHTTPServer` that can also wake its open connections
+    (``close_connections``), which :func:`serve_in_thread`'s ``stop()`` uses.
+    """
     if max_logprobs < 0:
         raise InputError(f"max_logprobs must be >= 0; got {max_logprobs}")
     engine = CompletionEngine(NextTokenModel(model, tokenizer, batch_size=1), model_name, max_logprobs)
@@ -276,7 +269,7 @@ def serve_in_thread(
     max_logprobs: int = 20,
 ) -> tuple[str, Callable[[], None]]:
     """Serve in a background thread; returns the base URL and a ``stop()`` that joins every thread."""
-    server = _make_server(model, tokenizer, host, port, model_name, max_logprobs)
+    server = make_server(model, tokenizer, host, port, model_name=model_name, max_logprobs=max_logprobs)
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="darl-llm-server", daemon=True
     )

@@ -246,6 +246,43 @@ def run_recipe(
     The pool's grades are never read before selection.
     """
     cfg = config or RecipeConfig()
+    _check_run(cfg, train_pairs, dev_sets, augmentation, pool)
+    run = _Run(model, tokenizer, cfg, dev_sets, progress)
+    probs, grades = _train_targets(train_pairs, teacher_probs, run.n_labels)
+    train = _Targets(list(train_pairs), probs, grades)
+    if "probe" in cfg.stages or augmentation == "dasa":
+        started = time.perf_counter()
+        train.features, _ = extract_features(model, tokenizer, train_pairs, progress=progress, **run.kw)
+        run.seconds["features"] = time.perf_counter() - started
+    selection, aug = None, _Targets([], np.zeros((0, run.n_labels), np.float32), np.zeros(0, np.int64))
+    if augmentation is not None:
+        assert pool is not None
+        selection, aug = _augment(run, augmentation, pool, labeler or human_labeler, train)
+    loss_fn = cfg.loss_fn()
+    if "probe" in cfg.stages:
+        _probe_stage(run, train, aug if aug.pairs and cfg.augment_in in ("probe", "both") else None, loss_fn)
+    interpolation: InterpolationResult | None = None
+    if "finetune" in cfg.stages:
+        with_aug = bool(aug.pairs) and cfg.augment_in in ("finetune", "both")
+        interpolation = _finetune_stage(run, train.joined(aug) if with_aug else train, loss_fn)
+    return RecipeResult(
+        model=run.model,
+        metrics=run.metrics,
+        stage_results=run.stage_results,
+        interpolation=interpolation,
+        selection=selection,
+        seconds=run.seconds,
+    )
+
+
+def _check_run(
+    cfg: RecipeConfig,
+    train_pairs: Sequence[Pair],
+    dev_sets: Mapping[str, Sequence[Pair]],
+    augmentation: Augmentation | None,
+    pool: Sequence[Pair] | None,
+) -> None:
+    """:class:`InputError` for a run :func:`run_recipe` cannot do, before any work."""
     if not train_pairs:
         raise InputError("run_recipe got no training pairs")
     if augmentation not in (None, "random", "dasa"):
@@ -256,126 +293,154 @@ def run_recipe(
         )
     if "interpolate" in cfg.stages and not dev_sets:
         raise InputError("stage 'interpolate' chooses alpha on dev sets; pass at least one")
-    n_labels = int(model.config.num_labels)
-    probs, grades = _train_targets(train_pairs, teacher_probs, n_labels)
-    loss_fn = cfg.loss_fn()
-    seconds: dict[str, float] = {}
-    metrics: dict[str, dict[str, dict[str, float]]] = {}
-    stage_results: dict[str, StageResult] = {}
-    feature_kw: dict[str, Any] = {"batch_size": cfg.eval_batch_size, "max_length": cfg.max_length}
-    eval_kw: dict[str, Any] = {"batch_size": cfg.eval_batch_size, "max_length": cfg.max_length}
 
-    train_features: NDArray[np.float32] | None = None
-    if "probe" in cfg.stages or augmentation == "dasa":
-        started = time.perf_counter()
-        train_features, _ = extract_features(model, tokenizer, train_pairs, progress=progress, **feature_kw)
-        seconds["features"] = time.perf_counter() - started
 
-    # Augmentation: choose from the pool without reading its grades, then label the chosen.
-    selection: SelectionResult | None = None
-    aug_pairs: list[Pair] = []
-    aug_probs = np.zeros((0, n_labels), dtype=np.float32)
-    aug_features: NDArray[np.float32] | None = None
-    if augmentation is not None:
-        assert pool is not None
-        started = time.perf_counter()
-        budget = min(cfg.augment_budget, len(pool))
-        query_ids = [p.query_id if p.query_id is not None else p.query for p in pool]
-        if augmentation == "dasa":
-            assert train_features is not None
-            blind = [Pair(p.query, p.item) for p in pool]
-            pool_features, _ = extract_features(model, tokenizer, blind, progress=progress, **feature_kw)
-            selection = select_augmentation(
-                train_features,
-                np.where(grades >= 0, grades, probs.argmax(axis=1)),  # human grade, else teacher's
-                pool_features,
-                query_ids,
-                budget,
-                k=min(cfg.dasa_k, len(train_pairs)),
-                per_query_cap=cfg.per_query_cap,
-                candidate_factor=cfg.candidate_factor,
-                seed=cfg.seed,
-            )
-            aug_features = pool_features[list(selection.indices)]
-        else:
-            selection = random_selection(
-                len(pool), budget, pool_query_ids=query_ids, per_query_cap=cfg.per_query_cap, seed=cfg.seed
-            )
-        aug_pairs, aug_probs = label_selection(pool, selection, labeler or human_labeler)
-        if aug_pairs and aug_probs.shape[1] != n_labels:
-            raise InputError(f"the labeler returned {aug_probs.shape[1]} grades; the model has {n_labels}")
-        seconds["augmentation"] = time.perf_counter() - started
-        logger.info("augmentation %s: %d pool samples", augmentation, len(aug_pairs))
-    aug_grades = _grades_of(aug_probs) if len(aug_pairs) else np.zeros(0, dtype=np.int64)
-    augment_probe = bool(aug_pairs) and cfg.augment_in in ("probe", "both")
-    augment_finetune = bool(aug_pairs) and cfg.augment_in in ("finetune", "both")
+@dataclass
+class _Targets:
+    """Pairs with their soft targets, hard grades (-1 = none) and, once extracted, head features."""
 
-    if "probe" in cfg.stages:
-        assert train_features is not None
-        x, p, y = train_features, probs, grades
-        if augment_probe:
-            if aug_features is None:
-                aug_features, _ = extract_features(model, tokenizer, aug_pairs, **feature_kw)
-            x = np.concatenate([x, aug_features])
-            p, y = np.concatenate([p, aug_probs]), np.concatenate([y, aug_grades])
-        result = linear_probe(
-            model,
-            x,
-            p,
-            y,
-            loss_fn,
-            epochs=cfg.probe_epochs,
-            lr=cfg.probe_lr,
-            batch_size=cfg.probe_batch_size,
+    pairs: list[Pair]
+    probs: NDArray[np.float32]
+    grades: NDArray[np.int64]
+    features: NDArray[np.float32] | None = None
+
+    def joined(self, other: _Targets) -> _Targets:
+        """These rows, then ``other``'s (features dropped: the caller extracts what it needs)."""
+        return _Targets(
+            [*self.pairs, *other.pairs],
+            np.concatenate([self.probs, other.probs]),
+            np.concatenate([self.grades, other.grades]),
+        )
+
+
+@dataclass
+class _Run:
+    """One :func:`run_recipe` call's model (replaced by a LoRA merge), settings and what it recorded."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    cfg: RecipeConfig
+    dev_sets: Mapping[str, Sequence[Pair]]
+    progress: bool
+    metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    stage_results: dict[str, StageResult] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_labels(self) -> int:
+        return int(self.model.config.num_labels)
+
+    @property
+    def kw(self) -> dict[str, Any]:
+        """Batch size and max length of feature extraction and evaluation."""
+        return {"batch_size": self.cfg.eval_batch_size, "max_length": self.cfg.max_length}
+
+    def record(self, stage: str, result: StageResult) -> None:
+        """Keep a stage's result and time, and the dev metrics after it."""
+        self.stage_results[stage] = result
+        self.seconds[stage] = result.seconds
+        if self.dev_sets:
+            self.metrics[stage] = evaluate(self.model, self.tokenizer, self.dev_sets, **self.kw)
+
+
+def _augment(
+    run: _Run, augmentation: Augmentation, pool: Sequence[Pair], labeler: Labeler, train: _Targets
+) -> tuple[SelectionResult, _Targets]:
+    """Choose from ``pool`` without reading its grades (DASA on features, or at random), then label."""
+    cfg = run.cfg
+    started = time.perf_counter()
+    budget = min(cfg.augment_budget, len(pool))
+    query_ids = [p.query_id if p.query_id is not None else p.query for p in pool]
+    features: NDArray[np.float32] | None = None
+    if augmentation == "dasa":
+        assert train.features is not None
+        blind = [Pair(p.query, p.item) for p in pool]
+        pool_features, _ = extract_features(run.model, run.tokenizer, blind, progress=run.progress, **run.kw)
+        selection = select_augmentation(
+            train.features,
+            np.where(train.grades >= 0, train.grades, train.probs.argmax(axis=1)),  # human, else teacher
+            pool_features,
+            query_ids,
+            budget,
+            k=min(cfg.dasa_k, len(train.pairs)),
+            per_query_cap=cfg.per_query_cap,
+            candidate_factor=cfg.candidate_factor,
             seed=cfg.seed,
         )
-        stage_results["probe"] = result
-        seconds["probe"] = result.seconds
-        if dev_sets:
-            metrics["probe"] = evaluate(model, tokenizer, dev_sets, **eval_kw)
-
-    interpolation: InterpolationResult | None = None
-    if "finetune" in cfg.stages:
-        start_state = snapshot(model) if "interpolate" in cfg.stages else None
-        pairs = [*train_pairs, *aug_pairs] if augment_finetune else list(train_pairs)
-        p = np.concatenate([probs, aug_probs]) if augment_finetune else probs
-        y = np.concatenate([grades, aug_grades]) if augment_finetune else grades
-        model, result = finetune(
-            model,
-            tokenizer,
-            pairs,
-            p,
-            y,
-            loss_fn,
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            warmup_ratio=cfg.warmup_ratio,
-            max_steps=cfg.finetune_max_steps,
-            grad_clip=cfg.grad_clip,
-            max_length=cfg.max_length,
-            lora=cfg.lora,
-            seed=cfg.seed,
-            progress=progress,
+        features = pool_features[list(selection.indices)]
+    else:
+        selection = random_selection(
+            len(pool), budget, pool_query_ids=query_ids, per_query_cap=cfg.per_query_cap, seed=cfg.seed
         )
-        stage_results["finetune"] = result
-        seconds["finetune"] = result.seconds
-        if dev_sets:
-            metrics["finetune"] = evaluate(model, tokenizer, dev_sets, **eval_kw)
+    pairs, probs = label_selection(pool, selection, labeler)
+    if pairs and probs.shape[1] != run.n_labels:
+        raise InputError(f"the labeler returned {probs.shape[1]} grades; the model has {run.n_labels}")
+    run.seconds["augmentation"] = time.perf_counter() - started
+    logger.info("augmentation %s: %d pool samples", augmentation, len(pairs))
+    grades = _grades_of(probs) if len(pairs) else np.zeros(0, dtype=np.int64)
+    return selection, _Targets(pairs, probs, grades, features)
 
-        if start_state is not None:
-            started = time.perf_counter()
-            interpolation = choose_interpolation(
-                model, tokenizer, start_state, snapshot(model), dev_sets, grid=cfg.alpha_grid, **eval_kw
-            )
-            seconds["interpolate"] = time.perf_counter() - started
-            metrics["interpolate"] = next(r for a, _, r in interpolation.curve if a == interpolation.alpha)
-    return RecipeResult(
-        model=model,
-        metrics=metrics,
-        stage_results=stage_results,
-        interpolation=interpolation,
-        selection=selection,
-        seconds=seconds,
+
+def _probe_stage(run: _Run, train: _Targets, aug: _Targets | None, loss_fn: LossFn) -> None:
+    """Stage 1 on the training features (and the augmentation's, when it goes into the probe)."""
+    assert train.features is not None
+    x, p, y = train.features, train.probs, train.grades
+    if aug is not None:
+        if aug.features is None:
+            aug.features, _ = extract_features(run.model, run.tokenizer, aug.pairs, **run.kw)
+        x = np.concatenate([x, aug.features])
+        p, y = np.concatenate([p, aug.probs]), np.concatenate([y, aug.grades])
+    cfg = run.cfg
+    result = linear_probe(
+        run.model,
+        x,
+        p,
+        y,
+        loss_fn,
+        epochs=cfg.probe_epochs,
+        lr=cfg.probe_lr,
+        batch_size=cfg.probe_batch_size,
+        seed=cfg.seed,
     )
+    run.record("probe", result)
+
+
+def _finetune_stage(run: _Run, data: _Targets, loss_fn: LossFn) -> InterpolationResult | None:
+    """Stage 2 on ``data``, then stage 3 (WiSE-FT between before and after) when configured."""
+    cfg = run.cfg
+    start_state = snapshot(run.model) if "interpolate" in cfg.stages else None
+    run.model, result = finetune(
+        run.model,
+        run.tokenizer,
+        data.pairs,
+        data.probs,
+        data.grades,
+        loss_fn,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio,
+        max_steps=cfg.finetune_max_steps,
+        grad_clip=cfg.grad_clip,
+        max_length=cfg.max_length,
+        lora=cfg.lora,
+        seed=cfg.seed,
+        progress=run.progress,
+    )
+    run.record("finetune", result)
+    if start_state is None:
+        return None
+    started = time.perf_counter()
+    interpolation = choose_interpolation(
+        run.model,
+        run.tokenizer,
+        start_state,
+        snapshot(run.model),
+        run.dev_sets,
+        grid=cfg.alpha_grid,
+        **run.kw,
+    )
+    run.seconds["interpolate"] = time.perf_counter() - started
+    run.metrics["interpolate"] = next(r for a, _, r in interpolation.curve if a == interpolation.alpha)
+    return interpolation

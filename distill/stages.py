@@ -38,17 +38,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from darl_lite.calibration import softmax
 from darl_lite.distill.backbone import (
     DEFAULT_MAX_LENGTH,
-    accepts_token_type_ids,
-    collate,
-    model_device,
-    pad_token_id_of,
-    tokenize_pairs,
+    TokenizedPairs,
 )
 from darl_lite.distill.lora import LoraSettings, wrap_lora
 from darl_lite.distill.train_loop import (
     Checkpoints,
     TrainLoop,
-    length_bucketed_batches,
     optimizer_step,
     total_steps,
 )
@@ -95,10 +90,7 @@ def extract_features(
     if not pairs:
         width = int(getattr(head, "in_features", 0))
         return np.zeros((0, width), dtype=np.float32), np.zeros((0, n_labels), dtype=np.float32)
-    features = tokenize_pairs(tokenizer, pairs, max_length, token_type_ids=accepts_token_type_ids(model))
-    order = sorted(range(len(pairs)), key=lambda i: len(features[i]["input_ids"]))
-    device = model_device(model)
-    pad_id = pad_token_id_of(model, tokenizer)
+    data = TokenizedPairs.of(model, tokenizer, pairs, max_length)
     config_pad = getattr(model.config, "pad_token_id", None)
     feats: NDArray[np.float32] | None = None
     logits_out = np.empty((len(pairs), n_labels), dtype=np.float32)
@@ -107,9 +99,8 @@ def extract_features(
     bar = tqdm(total=len(pairs), desc="features", unit="pair", disable=not progress)
     try:
         with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                inputs = collate([features[i] for i in idx], pad_id, device)
+            for idx in data.sorted_batches(batch_size):
+                inputs = data.collate(idx)
                 with capture_head_input(head) as captured:
                     logits = model(**inputs).logits
                 pooled = pool_head_input(captured["hidden"], inputs["input_ids"], head_name, config_pad)
@@ -266,11 +257,7 @@ def finetune(
     probs, labels = _targets(len(pairs), int(model.config.num_labels), target_probs, grades)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    features = tokenize_pairs(tokenizer, pairs, max_length, token_type_ids=accepts_token_type_ids(model))
-    lengths = [len(f["input_ids"]) for f in features]
-    device = model_device(model)
-    pad_id = pad_token_id_of(model, tokenizer)
-
+    data = TokenizedPairs.of(model, tokenizer, pairs, max_length)
     trained: Any = wrap_lora(model, lora) if lora is not None else model
     settings = dict(stage="finetune", epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                     weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_steps=max_steps,
@@ -290,14 +277,14 @@ def finetune(
         progress=progress,
     )
     started = time.perf_counter()
-    trained.train()
-    try:
-        for batch in loop.batches(lambda r: length_bucketed_batches(lengths, batch_size, r), rng):
-            index = torch.tensor(batch, dtype=torch.long)
-            logits = trained(**collate([features[i] for i in batch], pad_id, device)).logits
-            loop.step(loss_fn(logits.float(), probs[index].to(device), labels[index].to(device)), len(batch))
-    finally:
-        trained.eval()
+    loop.train_on(
+        data,
+        batch_size,
+        rng,
+        lambda logits, index: loss_fn(
+            logits.float(), probs[index].to(data.device), labels[index].to(data.device)
+        ),
+    )
     losses = loop.losses
     if lora is not None:
         trained = trained.merge_and_unload()

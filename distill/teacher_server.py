@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from darl_lite.errors import InputError, MissingExtraError
+from darl_lite.http_body import HTTPProblem, read_body
 from darl_lite.llm.pair_text import TEACHER_TEMPLATE, PairText
 from darl_lite.types import GRADE_NAMES, Pair
 
@@ -62,12 +63,6 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 def shipped_head_path() -> Path:
     """The head of the shipped teacher (``darl_lite/data/teacher_llm_head.npz``)."""
     return Path(str(resources.files("darl_lite") / "data" / "teacher_llm_head.npz"))
-
-
-class _Problem(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class TeacherEngine:
@@ -110,39 +105,39 @@ class TeacherEngine:
         return {"object": "list", "data": [card]}
 
     def pairs_of(self, body: object) -> list[Pair]:
-        """The request's inputs split into pairs; :class:`_Problem` naming what is wrong."""
+        """The request's inputs split into pairs; :class:`HTTPProblem` naming what is wrong."""
         if not isinstance(body, dict):
-            raise _Problem(400, "the request body must be a JSON object with an 'input' field")
+            raise HTTPProblem(400, "the request body must be a JSON object with an 'input' field")
         model = body.get("model")
         if model is not None and model != self.model_name:
-            raise _Problem(
+            raise HTTPProblem(
                 404, f"the model {model!r} does not exist; GET /v1/models lists {self.model_name!r}"
             )
         if body.get("truncate_prompt_tokens") is not None:
-            raise _Problem(
+            raise HTTPProblem(
                 400, "truncate_prompt_tokens is not supported: the teacher truncates to its max length"
             )
         texts = body.get("input")
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list) or not texts:
-            raise _Problem(400, "'input' must be a non-empty string or a non-empty list of strings")
+            raise HTTPProblem(400, "'input' must be a non-empty string or a non-empty list of strings")
         if len(texts) > self.max_batch:
-            raise _Problem(
+            raise HTTPProblem(
                 413, f"{len(texts)} inputs in one request exceeds the limit of {self.max_batch} (--max-batch)"
             )
         pairs = []
         for i, text in enumerate(texts):
             if not isinstance(text, str):
-                raise _Problem(400, f"input[{i}] must be a string; got {type(text).__name__}")
+                raise HTTPProblem(400, f"input[{i}] must be a string; got {type(text).__name__}")
             if len(text) > self.max_text_chars:
-                raise _Problem(
+                raise HTTPProblem(
                     413, f"input[{i}] has {len(text)} characters; the limit is {self.max_text_chars}"
                 )
             text = _replace_lone_surrogates(text)
             try:
                 query, item = self.text.split(text)
             except ValueError as exc:
-                raise _Problem(
+                raise HTTPProblem(
                     400,
                     f"input[{i}] {exc}: render each pair with darl_lite.llm.PairText({self.text.template!r})",
                 ) from exc
@@ -155,7 +150,7 @@ class TeacherEngine:
             probs = np.asarray(self.teacher.predict_proba(pairs), np.float32)
             tokens = self._count_tokens(pairs)
         if probs.shape != (len(pairs), len(self.grade_names)) or not np.isfinite(probs).all():
-            raise _Problem(500, f"the teacher returned shape {probs.shape} or non-finite values")
+            raise HTTPProblem(500, f"the teacher returned shape {probs.shape} or non-finite values")
         data = [
             {
                 "index": i,
@@ -226,13 +221,13 @@ def create_app(engine: TeacherEngine, *, max_body_bytes: int = DEFAULT_MAX_BODY_
 
     async def classify(request: Request) -> Any:
         try:
-            raw = await _read_body(request, max_body_bytes)
+            raw = await read_body(request, max_body_bytes)
             try:
                 body = json.loads(raw)
             except (ValueError, RecursionError) as exc:
-                raise _Problem(400, f"the request body is not JSON: {exc}") from exc
+                raise HTTPProblem(400, f"the request body is not JSON: {exc}") from exc
             return await run_in_threadpool(engine.classify, body)
-        except _Problem as exc:
+        except HTTPProblem as exc:
             return error(exc.status, str(exc))
         except Exception as exc:  # the teacher failed: answer 500 (retryable), keep serving
             logger.exception("classification failed")
@@ -250,21 +245,6 @@ def create_app(engine: TeacherEngine, *, max_body_bytes: int = DEFAULT_MAX_BODY_
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/v1/models", models, methods=["GET"])
     return app
-
-
-async def _read_body(request: Any, max_body_bytes: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``max_body_bytes`` (declared or streamed)."""
-    too_big = f"request body exceeds the limit of {max_body_bytes} bytes"
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-        raise _Problem(413, too_big)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_body_bytes:
-            raise _Problem(413, too_big)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def load_probe_teacher(

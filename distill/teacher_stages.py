@@ -116,8 +116,7 @@ def subsample_splits(splits: Splits, max_pairs: Sequence[tuple[str, int]], seed:
 
 def shipped_metrics(splits: Splits) -> dict[str, dict[str, float]] | None:
     """The shipped teacher file's metrics on these splits' pairs (the baseline), if it covers them."""
-    from darl_lite.teacher_file import shipped_teacher_path
-    from darl_lite.teacher_file import FileTeacher
+    from darl_lite.teacher_file import FileTeacher, shipped_teacher_path
 
     try:
         teacher = FileTeacher.from_file(shipped_teacher_path())

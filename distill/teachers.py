@@ -34,6 +34,7 @@ from transformers import (
 from darl_lite.distill.backbone import (
     accepts_token_type_ids,
     collate,
+    length_sorted_batches,
     local_model_dir,
     model_device,
     tokenize_pairs,
@@ -152,15 +153,13 @@ class HFTeacher:
             token_type_ids=self._token_type_ids,
             template=self.template,
         )
-        order = sorted(range(len(pairs)), key=lambda i: len(features[i]["input_ids"]))
         device = model_device(self.model)
         show = self.progress if self.progress is not None else len(pairs) >= _PROGRESS_MIN_PAIRS
         with (
             torch.no_grad(),
             tqdm(total=len(pairs), desc=f"teacher {self.name}", unit="pair", disable=not show) as bar,
         ):
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start : start + self.batch_size]
+            for idx in length_sorted_batches([len(f["input_ids"]) for f in features], self.batch_size):
                 inputs = collate([features[i] for i in idx], self.pad_token_id, device)
                 out[idx] = self.model(**inputs).logits.float().cpu().numpy()
                 bar.update(len(idx))

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from darl_lite.atomic import fsync_dir, fsync_file, replace_dir, staging_dir
+from darl_lite.distill.backbone import TokenizedPairs
 from darl_lite.errors import InputError
 from darl_lite.types import Pair
 
@@ -314,6 +315,27 @@ class TrainLoop:
                 self._epoch += 1
         finally:
             bar.close()
+
+    def train_on(
+        self,
+        data: TokenizedPairs,
+        batch_size: int,
+        rng: np.random.Generator,
+        loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> None:
+        """Run every step on length-bucketed batches of ``data``; the model ends in eval mode.
+
+        ``loss_of(logits, index)`` is the batch's loss, ``index`` the batch's positions in ``data``
+        (a CPU ``long`` tensor, to pick the matching targets).
+        """
+        self.model.train()
+        try:
+            for batch in self.batches(lambda r: length_bucketed_batches(data.lengths, batch_size, r), rng):
+                index = torch.tensor(batch, dtype=torch.long)
+                logits = self.model(**data.collate(batch)).logits
+                self.step(loss_of(logits, index), len(batch))
+        finally:
+            self.model.eval()
 
     def step(self, loss: torch.Tensor, n_pairs: int) -> float:
         """One optimiser and schedule step on ``loss`` (the batch of ``n_pairs`` pairs); checkpoints."""

@@ -15,22 +15,15 @@ import torch
 from numpy.typing import NDArray
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from darl_lite.distill.backbone import (
-    DEFAULT_MAX_LENGTH,
-    accepts_token_type_ids,
-    collate,
-    model_device,
-    pad_token_id_of,
-    tokenize_pairs,
-)
+from darl_lite.distill.backbone import DEFAULT_MAX_LENGTH, TokenizedPairs
 from darl_lite.distill.losses import distillation_loss
 from darl_lite.distill.train_loop import (
     Checkpoints,
     TrainLoop,
-    length_bucketed_batches,
     total_steps,
 )
 from darl_lite.errors import InputError
+from darl_lite.metrics import check_probability_rows
 from darl_lite.types import Pair
 
 logger = logging.getLogger(__name__)
@@ -112,17 +105,7 @@ def _validate_inputs(pairs: Sequence[Pair], teacher_probs: np.ndarray, n_labels:
         )
     if not np.issubdtype(probs.dtype, np.floating) or not np.all(np.isfinite(probs)):
         raise InputError("teacher_probs must be finite floating-point probabilities")
-    if probs.min() < 0:
-        raise InputError(
-            f"teacher_probs must be >= 0; row {int(np.argmin(probs.min(axis=1)))} has a negative"
-        )
-    sums = probs.sum(axis=1)
-    off = np.flatnonzero(np.abs(sums - 1.0) > _ROW_SUM_ATOL)
-    if off.size:
-        raise InputError(
-            f"each teacher_probs row must sum to 1 (±{_ROW_SUM_ATOL}); {off.size} rows do not, "
-            f"e.g. row {int(off[0])} sums to {float(sums[off[0]]):.6f}. Pass probabilities, not logits."
-        )
+    check_probability_rows(probs, "teacher_probs", _ROW_SUM_ATOL)
     for i, pair in enumerate(pairs):
         if pair.grade is not None and not 0 <= pair.grade < n_labels:
             raise InputError(f"pairs[{i}].grade must be None or in [0, {n_labels}); got {pair.grade}")
@@ -159,22 +142,14 @@ def distill_student(
     covers this call only; ``losses``, ``steps`` and ``pairs_seen`` cover the whole run.
     """
     config = config or DistillConfig()
-    n_labels = int(model.config.num_labels)
-    probs = _validate_inputs(pairs, teacher_probs, n_labels)
+    probs = _validate_inputs(pairs, teacher_probs, int(model.config.num_labels))
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    device = model_device(model)
-    pad_id = pad_token_id_of(model, tokenizer)
-
     started = time.perf_counter()
-    features = tokenize_pairs(
-        tokenizer, pairs, config.max_length, token_type_ids=accepts_token_type_ids(model)
-    )
-    lengths = [len(f["input_ids"]) for f in features]
+    data = TokenizedPairs.of(model, tokenizer, pairs, config.max_length)
     targets = torch.from_numpy(probs)
     grades = torch.tensor([-1 if p.grade is None else p.grade for p in pairs], dtype=torch.long)
-    settings = asdict(config)
-    checkpoints = Checkpoints.for_run(checkpoint_dir, settings, pairs, [probs], model, checkpoint_every)
+    checkpoints = Checkpoints.for_run(checkpoint_dir, asdict(config), pairs, [probs], model, checkpoint_every)
     loop = TrainLoop(
         model,
         lr=config.lr,
@@ -187,21 +162,17 @@ def distill_student(
         hint=f"lower lr (now {config.lr}) or check the teacher probabilities",
         progress=progress,
     )
-    model.train()
-    try:
-        for batch in loop.batches(lambda r: length_bucketed_batches(lengths, config.batch_size, r), rng):
-            index = torch.tensor(batch, dtype=torch.long)
-            logits = model(**collate([features[i] for i in batch], pad_id, device)).logits
-            loss = distillation_loss(
-                logits,
-                targets[index].to(device),
-                grades[index].to(device),
-                temperature=config.temperature,
-                alpha=config.alpha,
-            )
-            loop.step(loss, len(batch))
-    finally:
-        model.eval()
+
+    def loss_of(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return distillation_loss(
+            logits,
+            targets[index].to(data.device),
+            grades[index].to(data.device),
+            temperature=config.temperature,
+            alpha=config.alpha,
+        )
+
+    loop.train_on(data, config.batch_size, rng, loss_of)
     seconds = time.perf_counter() - started
     losses = loop.losses
     logger.info(
@@ -233,17 +204,13 @@ def predict_logits(
     out = np.empty((len(pairs), n_labels), dtype=np.float32)
     if not pairs:
         return out
-    features = tokenize_pairs(tokenizer, pairs, max_length, token_type_ids=accepts_token_type_ids(model))
-    order = sorted(range(len(pairs)), key=lambda i: len(features[i]["input_ids"]))
-    device = model_device(model)
-    pad_id = pad_token_id_of(model, tokenizer)
+    data = TokenizedPairs.of(model, tokenizer, pairs, max_length)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                logits = model(**collate([features[i] for i in idx], pad_id, device)).logits
+            for idx in data.sorted_batches(batch_size):
+                logits = model(**data.collate(idx)).logits
                 out[idx] = logits.float().cpu().numpy()
     finally:
         model.train(was_training)

@@ -292,37 +292,7 @@ def export_onnx(
     with torch.no_grad():
         logits, pooled = wrapper(*(batch[n] for n in names))
 
-    used, version, fallback = "torch.onnx", torch.__version__, None
-    with torch.no_grad():
-        if exporter in ("auto", "optimum"):
-            try:
-                _require("optimum.exporters.onnx")
-                _export_optimum(model, head_name, head, names, path, opset)
-                _reorder_inputs(path, names)
-                from importlib import metadata
-
-                used, version = "optimum", metadata.version("optimum-onnx")
-            except (MissingExtraError, LookupError) as exc:
-                if exporter == "optimum":
-                    raise InputError(f"optimum cannot export this model: {exc}") from exc
-                fallback = str(exc)
-                logger.info("optimum cannot export %s (%s); using torch.onnx", type(model).__name__, exc)
-            except Exception as exc:  # an optimum tracing failure: the torch path may still work
-                if exporter == "optimum":
-                    raise
-                fallback = f"optimum failed: {type(exc).__name__}: {exc}"
-                logger.warning(
-                    "optimum export of %s failed (%s); trying torch.onnx", type(model).__name__, exc
-                )
-        if used == "torch.onnx":
-            try:
-                _export_torch(wrapper, batch, names, path, opset)
-            except Exception as exc:
-                reason = f" (after optimum: {fallback})" if fallback else ""
-                raise RuntimeError(
-                    f"torch.onnx could not export {type(model).__name__}{reason}: {type(exc).__name__}: "
-                    f"{exc}. Decoders usually need optimum (pip install 'darl-lite[export]')"
-                ) from exc
+    used, version, fallback = _export_graph(model, wrapper, batch, names, path, opset, exporter)
     diff_logits, diff_pooled = _verify(path, wrapper, batch, names)
     info = OnnxExportInfo(
         path=str(path),
@@ -347,3 +317,62 @@ def export_onnx(
         diff_logits,
     )
     return info
+
+
+def _export_graph(
+    model: Any,
+    wrapper: Any,
+    batch: dict[str, Any],
+    names: Sequence[str],
+    path: Path,
+    opset: int,
+    exporter: Exporter,
+) -> tuple[str, str, str | None]:
+    """Write ``path`` with optimum (unless ``exporter="torch"``), else torch.onnx.
+
+    Returns ``(exporter used, its version, why optimum was not used or None)``.
+    """
+    torch = _require("torch")
+    used, version, fallback = "torch.onnx", torch.__version__, None
+    with torch.no_grad():
+        if exporter in ("auto", "optimum"):
+            optimum_version, fallback = _try_optimum(model, names, path, opset, exporter)
+            if optimum_version is not None:
+                used, version = "optimum", optimum_version
+        if used == "torch.onnx":
+            try:
+                _export_torch(wrapper, batch, names, path, opset)
+            except Exception as exc:
+                reason = f" (after optimum: {fallback})" if fallback else ""
+                raise RuntimeError(
+                    f"torch.onnx could not export {type(model).__name__}{reason}: {type(exc).__name__}: "
+                    f"{exc}. Decoders usually need optimum (pip install 'darl-lite[export]')"
+                ) from exc
+    return used, version, fallback
+
+
+def _try_optimum(
+    model: Any, names: Sequence[str], path: Path, opset: int, exporter: Exporter
+) -> tuple[str | None, str | None]:
+    """``(optimum-onnx's version, None)`` once optimum wrote ``path``, else ``(None, why not)``.
+
+    With ``exporter="optimum"`` a failure raises instead: nothing falls back.
+    """
+    head_name, head = head_of(model)
+    try:
+        _require("optimum.exporters.onnx")
+        _export_optimum(model, head_name, head, names, path, opset)
+        _reorder_inputs(path, names)
+        from importlib import metadata
+
+        return metadata.version("optimum-onnx"), None
+    except (MissingExtraError, LookupError) as exc:
+        if exporter == "optimum":
+            raise InputError(f"optimum cannot export this model: {exc}") from exc
+        logger.info("optimum cannot export %s (%s); using torch.onnx", type(model).__name__, exc)
+        return None, str(exc)
+    except Exception as exc:  # an optimum tracing failure: the torch path may still work
+        if exporter == "optimum":
+            raise
+        logger.warning("optimum export of %s failed (%s); trying torch.onnx", type(model).__name__, exc)
+        return None, f"optimum failed: {type(exc).__name__}: {exc}"

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from darl_lite.atomic import atomic_path
 from darl_lite.errors import InputError, MissingExtraError
 from darl_lite.inference import OOD_OUTPUT
 from darl_lite.ood import MahalanobisDetector
@@ -45,6 +46,36 @@ def append_ood_distance(
     path = Path(model_path)
     model = onnx.load(str(path))
     graph = model.graph
+    pooled_shape = _check_graph(path, model, detector, pooled_name, output_name)
+    center, whiten, means_z = detector.float32_whitening()
+    constants: dict[str, np.ndarray] = {
+        "center": center,
+        "whiten": whiten,
+        "means_z": means_z[None, :, :],  # (1, C, D): broadcasts against z (N, 1, D)
+        "axis_last": np.asarray([-1], np.int64),
+        "axis_one": np.asarray([1], np.int64),
+    }
+    graph.initializer.extend(numpy_helper.from_array(v, _PREFIX + k) for k, v in constants.items())
+    graph.node.extend(_distance_nodes(helper, pooled_name, output_name, _opset(model)))
+    batch = pooled_shape[0] if pooled_shape else None
+    out = helper.make_tensor_value_info(
+        output_name, TensorProto.FLOAT, [batch.dim_param or None] if batch else [None]
+    )
+    graph.output.append(out)
+    onnx.checker.check_model(model)
+    with atomic_path(path) as tmp:  # a crash mid-save leaves the graph as it was
+        onnx.save(model, str(tmp))
+
+
+#: Name prefix of every node and initializer this module adds.
+_PREFIX = "darl_ood/"
+
+
+def _check_graph(
+    path: Path, model: Any, detector: MahalanobisDetector, pooled_name: str, output_name: str
+) -> Any:
+    """The shape dims of output ``pooled_name``; :class:`InputError` if the graph cannot take the nodes."""
+    graph = model.graph
     outputs = {o.name for o in graph.output}
     if pooled_name not in outputs:
         raise InputError(
@@ -70,20 +101,14 @@ def append_ood_distance(
             f"{path} uses opset {opset}; the OOD nodes need opset >= 13. Re-export the student with "
             "darl_lite.export.export_onnx (opset 17)"
         )
+    return pooled_shape
 
-    prefix = "darl_ood/"
-    center, whiten, means_z = detector.float32_whitening()
-    constants: dict[str, np.ndarray] = {
-        "center": center,
-        "whiten": whiten,
-        "means_z": means_z[None, :, :],  # (1, C, D): broadcasts against z (N, 1, D)
-        "axis_last": np.asarray([-1], np.int64),
-        "axis_one": np.asarray([1], np.int64),
-    }
-    graph.initializer.extend(numpy_helper.from_array(v, prefix + k) for k, v in constants.items())
+
+def _distance_nodes(helper: Any, pooled_name: str, output_name: str, opset: int) -> list[Any]:
+    """``min_c |(x - c) L - (m_c - c) L|^2`` as nodes over the ``_PREFIX`` initializers."""
 
     def name(k: str) -> str:
-        return prefix + k
+        return _PREFIX + k
 
     nodes = [
         helper.make_node("Sub", [pooled_name, name("center")], [name("x")], name=name("center_sub")),
@@ -107,13 +132,4 @@ def append_ood_distance(
                 "ReduceMin", [name("dist")], [output_name], axes=[1], keepdims=0, name=name("min")
             )
         )
-    graph.node.extend(nodes)
-    batch = pooled_shape[0] if pooled_shape else None
-    out = helper.make_tensor_value_info(
-        output_name, TensorProto.FLOAT, [batch.dim_param or None] if batch else [None]
-    )
-    graph.output.append(out)
-    onnx.checker.check_model(model)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    return nodes

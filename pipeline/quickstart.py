@@ -217,6 +217,31 @@ def _export(cfg: QuickstartConfig, student_dir: Path, target: Path, splits: Any,
     return fit_pool_shift(bundle, splits, teacher, threads=cfg.threads)
 
 
+def _score_split(
+    split: str,
+    pairs: list[Pair],
+    fp32: Any,
+    cascade: Any,
+    teacher: Any,
+    majority: int,
+    metrics: dict[str, dict[str, dict[str, float]]],
+    baseline: dict[str, dict[str, float]],
+) -> tuple[Any, Any]:
+    """Score one test split with every model into ``metrics``; return the fp32 and cascade arrays."""
+    from darl_lite.scorer import softmax
+
+    queries, items = [p.query for p in pairs], [p.item for p in pairs]
+    scored_fp32, scored = fp32.score_arrays(queries, items), cascade.score_arrays(queries, items)
+    baseline[split] = _evaluate(np.eye(len(cascade.grade_names))[np.full(len(pairs), majority)], pairs)
+    metrics["teacher"][split] = _evaluate(teacher.predict_proba(pairs), pairs)
+    metrics["student_fp32"][split] = _evaluate(scored_fp32.student_probabilities, pairs)
+    metrics["student_int8_uncorrected"][split] = _evaluate(softmax(scored.logits, cascade.temperature), pairs)
+    served = _served_grades(cascade, queries, scored.logits)  # the student's decisions on a node
+    metrics["student_int8"][split] = _evaluate(scored.student_probabilities, pairs, served)
+    metrics["cascade"][split] = _evaluate(scored.probabilities, pairs, scored.grades)
+    return scored_fp32, scored
+
+
 def _score_test_sets(
     cfg: QuickstartConfig, bundle: Any, teacher: Any, splits: Any, train: list[Pair]
 ) -> dict[str, Any]:
@@ -244,21 +269,10 @@ def _score_test_sets(
     curves: dict[str, list[dict[str, Any]]] = {}
     logits: dict[str, list[np.ndarray]] = {"fp32": [], "int8": []}
     for split, pairs in test_sets.items():
-        queries, items = [p.query for p in pairs], [p.item for p in pairs]
-        scored_fp32, scored = fp32.score_arrays(queries, items), cascade.score_arrays(queries, items)
-        teacher_probs = teacher.predict_proba(pairs)
-        baseline[split] = _evaluate(np.eye(len(bundle.grade_names))[np.full(len(pairs), majority)], pairs)
-        metrics["teacher"][split] = _evaluate(teacher_probs, pairs)
-        metrics["student_fp32"][split] = _evaluate(scored_fp32.student_probabilities, pairs)
-        metrics["student_int8_uncorrected"][split] = _evaluate(
-            softmax(scored.logits, cascade.temperature), pairs
-        )
-        served = _served_grades(cascade, queries, scored.logits)  # the student's decisions on a node
-        metrics["student_int8"][split] = _evaluate(scored.student_probabilities, pairs, served)
-        metrics["cascade"][split] = _evaluate(scored.probabilities, pairs, scored.grades)
+        scored_fp32, scored = _score_split(split, pairs, fp32, cascade, teacher, majority, metrics, baseline)
         curves[split] = route_curve(
             scored.student_probabilities,
-            teacher_probs,
+            teacher.predict_proba(pairs),
             cascade.routing.urgency(scored.student_probabilities, scored.ood_scores),
             np.asarray([p.grade for p in pairs]),
             [p.query_id or p.query for p in pairs],

@@ -63,7 +63,9 @@ def test_avx2_path_and_smt_siblings_share_a_core() -> None:
 def test_cpufreq_maximum_and_given_ports_win() -> None:
     cpu = parse_cpuinfo(ZEN5, max_freq_khz=3_700_000)
     assert cpu.clock_ghz == pytest.approx(3.7)
-    assert theoretical_peak(cpu, 2, ports=4).int8_gops == pytest.approx(2 * 3.7 * 64 * 4 * 2)
+    four = theoretical_peak(cpu, 2, ports=4)
+    assert four.int8_gops == pytest.approx(2 * 3.7 * 64 * 4 * 2)
+    assert four.fp32_gflops == pytest.approx(2 * 3.7 * 64)  # the FMA ports stay the model's 2
     with pytest.raises(ValueError, match="threads must be >= 1"):
         theoretical_peak(cpu, 0)
 
@@ -91,3 +93,39 @@ def test_plausible_peak_is_kept_and_gemm_reports_the_checked_one() -> None:
     assert out["theoretical_peak_gops"]["int8"] == pytest.approx(1331.2)
     assert out["peak_check"]["precisions"]["int8_static"]["impossible"]
     assert out["peak_gops_static_int8"] == pytest.approx(1331.2)
+
+
+def test_recheck_uses_the_cpu_that_measured(tmp_path: Path) -> None:
+    """Old results files carry no CPU record: the machine line of run.json beside them says which CPU
+    (this project's committed figures came from an Intel Xeon with AMX, not from today's AMD machine)."""
+    import json
+
+    from bench.gemm import recheck
+    from bench.peak import cpu_from_machine_line, cpu_from_record, cpu_record
+
+    line = "2 vCPUs of Intel(R) Xeon(R) Processor (avx512f, avx512_vnni, amx_int8), 24 GiB RAM, Python 3.11"
+    cpu = cpu_from_machine_line(line)
+    assert (cpu.vendor, cpu.logical_cpus, cpu.clock_ghz) == ("GenuineIntel", 2, 0.0)
+    assert {"amx_int8", "avx512_vnni", "fma"} <= cpu.flags
+    old = {
+        "threads": 2,
+        "rows": [],
+        "peak_gops": {"fp32": 443.0, "int8": 3757.0},
+        "peak_gops_static_int8": 4767.0,
+    }
+    (tmp_path / "gemm_t2.json").write_text(json.dumps(old))
+    (tmp_path / "run.json").write_text(json.dumps({"machine": line}))
+    out = recheck(tmp_path / "gemm_t2.json")
+    # AMX: 1,024 MACs per cycle per core; 2 cores at the fp32-implied 443 / 128 GHz.
+    limit = 2 * (443.0 / 128) * 1024 * 2
+    assert out["peak_check"]["estimate"]["isa"] == "amx_int8"
+    assert out["theoretical_peak_gops"]["int8"] == pytest.approx(limit)
+    assert out["peak_gops"]["int8"] == 3757.0 and not out["peak_check"]["precisions"]["int8"]["impossible"]
+    assert cpu_from_record(out["cpu"]) == cpu  # the record written now round-trips
+    assert cpu_from_record(cpu_record(parse_cpuinfo(ZEN5))).flags == {
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx_vnni",
+        "avx512_vnni",
+    }

@@ -30,9 +30,9 @@ from numpy.typing import NDArray
 
 from darl_lite.errors import InputError
 from darl_lite.llm.breaker import CircuitBreaker
+from darl_lite.llm.client_base import TransportClient, response_json
 from darl_lite.llm.pair_text import TEACHER_TEMPLATE, PairText
-from darl_lite.llm.transport import HTTPTransport
-from darl_lite.llm.validate import check_int, check_pairs, server_root
+from darl_lite.llm.validate import check_int, check_pairs
 
 if TYPE_CHECKING:
     import httpx
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 PROB_SUM_TOL = 1e-3
 
 
-class ClassifyGradeClient:
+class ClassifyGradeClient(TransportClient):
     """A :data:`darl_lite.Fallback` that grades pairs with a classification server (vLLM's protocol).
 
     ``base_url`` is the server root (a trailing ``/v1`` is dropped). ``model`` is sent when given
@@ -55,6 +55,8 @@ class ClassifyGradeClient:
 
     Thread-safe. :meth:`close` (or ``with``) releases connections and worker threads.
     """
+
+    protocol = "classify"
 
     def __init__(
         self,
@@ -80,9 +82,10 @@ class ClassifyGradeClient:
         check_int(batch_size, "batch_size", 1)
         if max_field_chars is not None:
             check_int(max_field_chars, "max_field_chars", 1)
-        root = server_root(base_url)
-        self.transport = HTTPTransport(
-            f"{root}/classify",
+        self._open_transport(
+            base_url,
+            "/classify",
+            "batch",
             timeout_s=timeout_s,
             call_timeout_s=call_timeout_s,
             max_concurrency=max_concurrency,
@@ -90,24 +93,13 @@ class ClassifyGradeClient:
             backoff_s=backoff_s,
             api_key=api_key,
             breaker=breaker,
-            unit="batch",
         )
-        self.base_url = root
-        self.endpoint = self.transport.endpoint
         self.model = model
         self.text = PairText(template)
         self.n_grades = n_grades
         self.batch_size = batch_size
         self.max_field_chars = max_field_chars
         self.extra_body = dict(extra_body or {})
-
-    @property
-    def breaker(self) -> CircuitBreaker:
-        return self.transport.breaker
-
-    @property
-    def call_timeout_s(self) -> float:
-        return self.transport.call_timeout_s
 
     def render(self, query: str, item: str) -> str:
         """The text sent for one pair (fields cut to ``max_field_chars``)."""
@@ -142,35 +134,16 @@ class ClassifyGradeClient:
     def _parse(self, response: httpx.Response, body: Mapping[str, Any]) -> NDArray[np.float32]:
         return parse_classification(response, len(body["input"]), self.n_grades)
 
-    def health(self) -> dict[str, Any]:
-        """Breaker state, counts and latencies (:meth:`HTTPTransport.health`), plus protocol and model."""
-        return {"protocol": "classify", "model": self.model, **self.transport.health()}
-
-    def close(self) -> None:
-        """Stop pending work, wait for in-flight requests (at most ``timeout_s``), close connections."""
-        self.transport.close()
-
-    def __enter__(self) -> ClassifyGradeClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
-        t = self.transport
         return (
             f"ClassifyGradeClient(base_url={self.base_url!r}, model={self.model!r}, "
-            f"batch_size={self.batch_size}, timeout_s={t.timeout_s}, max_concurrency={t.max_concurrency}, "
-            f"retries={t.retries}, api_key={'<set>' if t.has_api_key else None}, breaker={t.breaker!r})"
+            f"batch_size={self.batch_size}, {self._repr_settings()})"
         )
 
 
 def parse_classification(response: httpx.Response, n: int, n_grades: int) -> NDArray[np.float32]:
     """``(n, n_grades)`` rows from a classification response; ``ValueError`` saying what was wrong."""
-    try:
-        data = response.json()
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"body is not JSON ({exc}): {response.text[:120]!r}") from exc
+    data = response_json(response)
     rows = data.get("data") if isinstance(data, dict) else None
     if not isinstance(rows, list):
         raise ValueError(f"not a classification response (no 'data' list): {data!r:.120}")

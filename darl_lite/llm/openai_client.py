@@ -27,6 +27,7 @@ from numpy.typing import NDArray
 
 from darl_lite.errors import InputError
 from darl_lite.llm.breaker import CircuitBreaker
+from darl_lite.llm.client_base import TransportClient, response_json
 from darl_lite.llm.prompt import (
     DEFAULT_GRADE_TOKENS,
     DEFAULT_PROMPT,
@@ -35,8 +36,7 @@ from darl_lite.llm.prompt import (
     grade_logprobs_from_top,
     grade_probabilities,
 )
-from darl_lite.llm.transport import HTTPTransport
-from darl_lite.llm.validate import check_int, check_pairs, server_root
+from darl_lite.llm.validate import check_int, check_pairs
 
 if TYPE_CHECKING:
     import httpx
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class OpenAIGradeClient:
+class OpenAIGradeClient(TransportClient):
     """A :data:`darl_lite.Fallback` that grades pairs with an OpenAI-compatible completions server.
 
     ``base_url`` is the server root, with or without the ``/v1`` suffix (``http://127.0.0.1:8000``
@@ -59,6 +59,8 @@ class OpenAIGradeClient:
     Thread-safe. :meth:`close` (or ``with``) releases connections and worker threads; a later call
     opens them again.
     """
+
+    protocol = "completions"
 
     def __init__(
         self,
@@ -80,9 +82,10 @@ class OpenAIGradeClient:
         if not isinstance(model, str) or not model:
             raise InputError(f"model must be the served model's name (see GET /v1/models); got {model!r}")
         check_int(top_logprobs, "top_logprobs", 1)
-        root = server_root(base_url)
-        self.transport = HTTPTransport(
-            f"{root}/v1/completions",
+        self._open_transport(
+            base_url,
+            "/v1/completions",
+            "pair",
             timeout_s=timeout_s,
             call_timeout_s=call_timeout_s,
             max_concurrency=max_concurrency,
@@ -90,36 +93,12 @@ class OpenAIGradeClient:
             backoff_s=backoff_s,
             api_key=api_key,
             breaker=breaker,
-            unit="pair",
         )
-        self.base_url = root
-        self.endpoint = self.transport.endpoint
         self.model = model
         self.grade_tokens = check_grade_tokens(grade_tokens)
         self.prompt = PromptTemplate.coerce(prompt_template)
         self.top_logprobs = top_logprobs
         self.extra_body = dict(extra_body or {})
-
-    # Settings live on the transport; these read them where callers and tests look.
-    @property
-    def timeout_s(self) -> float:
-        return self.transport.timeout_s
-
-    @property
-    def call_timeout_s(self) -> float:
-        return self.transport.call_timeout_s
-
-    @property
-    def max_concurrency(self) -> int:
-        return self.transport.max_concurrency
-
-    @property
-    def retries(self) -> int:
-        return self.transport.retries
-
-    @property
-    def breaker(self) -> CircuitBreaker:
-        return self.transport.breaker
 
     # ----------------------------------------------------------------------------------------------
     def __call__(self, pairs: Sequence[tuple[str, str]]) -> NDArray[np.float64]:
@@ -145,16 +124,9 @@ class OpenAIGradeClient:
         rows = self.transport.run(bodies, self._parse, [f"routed pair {i}" for i in range(len(pairs))])
         return np.stack(rows).astype(np.float64, copy=False)
 
-    def health(self) -> dict[str, Any]:
-        """Breaker state, counts and latencies (:meth:`HTTPTransport.health`), plus protocol and model."""
-        return {"protocol": "completions", "model": self.model, **self.transport.health()}
-
     def _parse(self, response: httpx.Response, _body: Mapping[str, Any]) -> NDArray[np.float64]:
         """Grade probabilities from one completion; ``ValueError`` saying what was wrong otherwise."""
-        try:
-            data = response.json()
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise ValueError(f"body is not JSON ({exc}): {response.text[:120]!r}") from exc
+        data = response_json(response)
         try:
             choice = data["choices"][0]
             logprobs = choice.get("logprobs")
@@ -188,23 +160,10 @@ class OpenAIGradeClient:
             )
         return grade_probabilities(grade_lp)
 
-    # ----------------------------------------------------------------------------------------------
-    def close(self) -> None:
-        """Stop pending work, wait for in-flight requests (at most ``timeout_s``), close connections."""
-        self.transport.close()
-
-    def __enter__(self) -> OpenAIGradeClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return (
             f"OpenAIGradeClient(base_url={self.base_url!r}, model={self.model!r}, "
-            f"grade_tokens={self.grade_tokens!r}, timeout_s={self.timeout_s}, "
-            f"max_concurrency={self.max_concurrency}, retries={self.retries}, "
-            f"api_key={'<set>' if self.transport.has_api_key else None}, breaker={self.breaker!r})"
+            f"grade_tokens={self.grade_tokens!r}, {self._repr_settings()})"
         )
 
 

@@ -1,0 +1,140 @@
+"""bench/load_server.py against a real `darl-lite serve` of the committed tiny bundle, over loopback:
+the report's fields, a fixed request count, and a deadline that stops it by itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import cast
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "tests" / "fixtures" / "tiny_bundle"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[str]:
+    """`darl-lite serve` of the tiny bundle in a subprocess; stopped (and reaped) after the module."""
+    port = _free_port()
+    cli = Path(sys.executable).with_name("darl-lite")
+    proc = subprocess.Popen(
+        [str(cli), "serve", str(BUNDLE), "--port", str(port), "--threads", "1"],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(
+                    f"darl-lite serve did not start: {proc.stderr.read().decode() if proc.stderr else ''}"
+                )
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _load(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench.load_server", *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_fixed_count_report(served: str, tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    done = _load(
+        "--url", served, "--sizes", "10", "--concurrency", "1,4", "--requests", "6", "--out", str(out)
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["url"] == served and report["server_health"]["status"] == "ok"
+    assert [(c["items"], c["concurrency"]) for c in report["cases"]] == [(10, 1), (10, 4)]
+    for case in report["cases"]:
+        assert (case["requested"], case["completed"], case["errors"], case["stopped_by"]) == (
+            6,
+            6,
+            0,
+            "count",
+        )
+        assert case["pairs_per_s"] == pytest.approx(60 / case["wall_s"])
+        assert 0 < case["p50_ms"] <= case["p99_ms"] <= case["max_ms"]
+    assert "| 10 | 4 |" in done.stdout  # the Markdown table
+
+
+def test_deadline_stops_it(served: str, tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    started = time.monotonic()
+    done = _load(
+        "--url", served, "--sizes", "100", "--concurrency", "4", "--requests", "100000",
+        "--deadline", "1.5", "--warmup", "0", "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 60
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["stopped_by"] == "deadline" and 0 < case["completed"] < 100000
+    assert 1.5 <= case["wall_s"] < 5 and case["errors"] == 0
+
+
+def test_refuses_a_host_that_is_not_loopback() -> None:
+    done = _load("--url", "http://10.1.2.3:8080", timeout=60)
+    assert done.returncode == 2
+    assert "loopback only" in done.stderr
+
+
+def test_peer_server_speaks_the_same_shape(tiny_student_dir: Path, tmp_path: Path) -> None:
+    """The peer (ST's own avx512_vnni int8 export of the tiny student) under the same load generator."""
+    import asyncio
+
+    sys.path.insert(0, str(ROOT))
+    from uvicorn_thread import serve_in_thread
+
+    from bench.load_server import run_load
+    from bench.peer_server import create_peer_app, load_peer_model
+
+    model = load_peer_model(tiny_student_dir, tmp_path / "work", threads=1, max_length=32)
+    assert (tmp_path / "work" / "st_student" / "onnx" / "model_qint8_avx512_vnni.onnx").is_file()
+    server = cast(Generator[str, None, None], serve_in_thread(create_peer_app(model)))
+    url = next(server)
+    try:
+        bad = httpx.post(f"{url}/score", json={"query": "q", "items": "one item"}, timeout=10)
+        assert bad.status_code == 422 and "list of strings" in bad.json()["detail"]
+        one = httpx.post(
+            f"{url}/score", json={"query": "szechwan cuisine", "items": ["Mapo doufu"]}, timeout=30
+        )
+        (row,) = one.json()["results"]
+        assert sum(row["probabilities"]) == pytest.approx(1.0, abs=1e-5) and row["grade"] in (0, 1, 2)
+        report = asyncio.run(run_load(url, sizes=(10,), concurrency=(2,), requests=4, deadline_s=60))
+        (case,) = report["cases"]
+        assert (case["completed"], case["errors"], case["stopped_by"]) == (4, 0, "count")
+    finally:
+        server.close()
