@@ -211,12 +211,34 @@ def label_pairs(
     same errno, saying how many pairs are safe; the final file is either complete or untouched.
     ``provenance`` goes to the sidecar as in :func:`write_teacher_outputs` (``None``: no sidecar).
     """
+    todo = _checked_inputs(teacher, pairs, chunk_size, provenance)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part, progress_file = part_path(out), progress_path(out)
+    n_chunks = math.ceil(len(todo) / chunk_size)
+    progress, resumed = _start_or_resume(
+        part, progress_file, _fingerprint(teacher, todo, chunk_size), len(todo), chunk_size, n_chunks
+    )
+    labeled = 0
+    for index in range(int(progress["chunks_done"]), n_chunks):
+        progress = _label_chunk(teacher, todo, index, chunk_size, n_chunks, part, progress_file, progress)
+        labeled += 1
+    _write_final(out, part, progress_file, todo, provenance)
+    return LabelResult(
+        path=out, n_pairs=len(todo), n_chunks=n_chunks, chunks_labeled=labeled, resumed=resumed
+    )
+
+
+def _checked_inputs(
+    teacher: Teacher, pairs: Sequence[Pair], chunk_size: int, provenance: Mapping[str, Any] | None
+) -> list[Pair]:
+    """The distinct pairs to label, after every argument is checked (now, not after hours of labeling)."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise InputError(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
     for field in ("name", "kind"):
         if not isinstance(getattr(teacher, field, None), str):
             raise InputError(f"teacher.{field} must be a string (it identifies the run for resuming)")
-    if provenance is not None:  # checked now, not after hours of labeling
+    if provenance is not None:
         if not isinstance(provenance, Mapping):
             raise InputError(f"provenance must be a dict or None, got {type(provenance).__name__}")
         try:
@@ -229,19 +251,20 @@ def label_pairs(
     for i, pair in enumerate(todo):
         if not isinstance(pair, Pair):
             raise InputError(f"pairs[{i}] must be a Pair, got {type(pair).__name__}")
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    part, progress_file = part_path(out), progress_path(out)
-    fingerprint = _fingerprint(teacher, todo, chunk_size)
-    n_chunks = math.ceil(len(todo) / chunk_size)
+    return todo
 
+
+def _start_or_resume(
+    part: Path, progress_file: Path, fingerprint: str, n_pairs: int, chunk_size: int, n_chunks: int
+) -> tuple[dict[str, Any], bool]:
+    """The run's progress record: a fresh one, or the committed state of an interrupted run of the
+    same fingerprint (an uncommitted tail of the part file is dropped)."""
     progress = _read_progress(progress_file, fingerprint)
-    resumed = progress is not None
     if progress is None:
         progress = {
             "format": _PROGRESS_FORMAT,
             "fingerprint": fingerprint,
-            "n_pairs": len(todo),
+            "n_pairs": n_pairs,
             "chunk_size": chunk_size,
             "chunks_done": 0,
             "part_bytes": 0,
@@ -249,37 +272,53 @@ def label_pairs(
         }
         part.write_bytes(b"")  # a part file without progress holds nothing committed
         _write_progress(progress_file, progress)
-    else:
-        committed = int(progress["part_bytes"])
-        size = part.stat().st_size if part.is_file() else -1
-        if size < committed:
-            raise DataError(
-                f"{part} is {max(size, 0)} bytes but {progress_file} records {committed} committed; "
-                f"the part file was damaged or removed: delete {progress_file} to start over"
-            )
-        if size > committed:  # a chunk whose append a crash interrupted: not committed, drop it
-            logger.info("dropping %d uncommitted bytes at the end of %s", size - committed, part)
-            os.truncate(part, committed)
-        logger.info("resuming labeling at chunk %d of %d", progress["chunks_done"], n_chunks)
+        return progress, False
+    committed = int(progress["part_bytes"])
+    size = part.stat().st_size if part.is_file() else -1
+    if size < committed:
+        raise DataError(
+            f"{part} is {max(size, 0)} bytes but {progress_file} records {committed} committed; "
+            f"the part file was damaged or removed: delete {progress_file} to start over"
+        )
+    if size > committed:  # a chunk whose append a crash interrupted: not committed, drop it
+        logger.info("dropping %d uncommitted bytes at the end of %s", size - committed, part)
+        os.truncate(part, committed)
+    logger.info("resuming labeling at chunk %d of %d", progress["chunks_done"], n_chunks)
+    return progress, True
 
-    labeled = 0
-    for index in range(int(progress["chunks_done"]), n_chunks):
-        first = index * chunk_size
-        data, n_grades = _chunk_lines(teacher, todo[first : first + chunk_size], first, progress["n_grades"])
-        try:
-            size = _append(part, data)
-            progress = {**progress, "chunks_done": index + 1, "part_bytes": size, "n_grades": n_grades}
-            _write_progress(progress_file, progress)
-        except OSError as exc:
-            raise OSError(
-                exc.errno,
-                f"labeling could not write chunk {index + 1} of {n_chunks} to {part} "
-                f"({exc.strerror or exc}); {first} of {len(todo)} pairs are saved there and a rerun "
-                "resumes from them",
-            ) from exc
-        labeled += 1
-        logger.info("labeled chunk %d of %d", index + 1, n_chunks)
 
+def _label_chunk(
+    teacher: Teacher,
+    todo: list[Pair],
+    index: int,
+    chunk_size: int,
+    n_chunks: int,
+    part: Path,
+    progress_file: Path,
+    progress: dict[str, Any],
+) -> dict[str, Any]:
+    """Grade chunk ``index``, append it to the part file and commit it in the progress record."""
+    first = index * chunk_size
+    data, n_grades = _chunk_lines(teacher, todo[first : first + chunk_size], first, progress["n_grades"])
+    try:
+        size = _append(part, data)
+        progress = {**progress, "chunks_done": index + 1, "part_bytes": size, "n_grades": n_grades}
+        _write_progress(progress_file, progress)
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"labeling could not write chunk {index + 1} of {n_chunks} to {part} "
+            f"({exc.strerror or exc}); {first} of {len(todo)} pairs are saved there and a rerun "
+            "resumes from them",
+        ) from exc
+    logger.info("labeled chunk %d of %d", index + 1, n_chunks)
+    return progress
+
+
+def _write_final(
+    out: Path, part: Path, progress_file: Path, todo: list[Pair], provenance: Mapping[str, Any] | None
+) -> None:
+    """Check the part file holds every pair, write the teacher file, then drop the work files."""
     outputs = read_teacher_outputs(part)
     missing = [pair for pair in todo if pair.key not in outputs]
     if missing or len(outputs) != len(todo):
@@ -299,9 +338,6 @@ def label_pairs(
         ) from exc
     part.unlink(missing_ok=True)
     progress_file.unlink(missing_ok=True)
-    return LabelResult(
-        path=out, n_pairs=len(todo), n_chunks=n_chunks, chunks_labeled=labeled, resumed=resumed
-    )
 
 
 __all__ = ["LabelResult", "TeacherSpec", "label_pairs", "part_path", "progress_path"]

@@ -225,8 +225,10 @@ def test_async_calls_match_sync_calls(scorer: Scorer, splits: Splits) -> None:
 
 def test_importing_the_runtime_never_imports_torch() -> None:
     code = (
-        "import sys, darl_lite, darl_lite.scorer, darl_lite.cli, darl_lite.pipeline.quickstart, darl_lite.metrics\n"
-        "import darl_lite.serve, darl_lite.budget, darl_lite.route_curve\n"
+        "import sys, darl_lite, darl_lite.scorer, darl_lite.cli, darl_lite.pipeline.quickstart\n"
+        "import darl_lite.metrics, darl_lite.serve, darl_lite.budget, darl_lite.route_curve\n"
+        "import darl_lite.shift, darl_lite.cascade, darl_lite.cascade_fit, darl_lite.mixed_stream\n"
+        "import darl_lite.refit, darl_lite.shift_routing\n"
         "heavy = ('torch', 'transformers', 'optimum', 'onnx', 'fastapi', 'uvicorn', 'httpx', 'starlette')\n"
         "heavy = [m for m in heavy if m in sys.modules]\n"
         "assert not heavy, heavy\n"
