@@ -34,6 +34,7 @@ from numpy.typing import NDArray
 from tqdm.auto import tqdm
 
 from darl_lite.distill.backbone import collate, pad_token_id_of, tokenize_pairs
+from darl_lite.distill.cache_meta import META_NAME, prepare_cache_dir
 from darl_lite.distill.decoder_blocks import DecoderParts, last_token, run_blocks
 from darl_lite.distill.llm_features import TEACHER_TEMPLATE, pairs_sha256
 from darl_lite.errors import InputError
@@ -41,7 +42,6 @@ from darl_lite.types import Pair
 
 logger = logging.getLogger(__name__)
 
-META_NAME = "meta.json"
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -104,20 +104,7 @@ def _chunk_path(cache_dir: Path, index: int) -> Path:
 
 
 def _prepare(cache_dir: Path, spec: CutSpec) -> None:
-    meta_path = cache_dir / META_NAME
-    if meta_path.exists():
-        found = json.loads(meta_path.read_text(encoding="utf-8"))
-        if found != spec.as_json():
-            diff = sorted(k for k in spec.as_json() if found.get(k) != spec.as_json()[k])
-            raise InputError(
-                f"{cache_dir} holds a cut cache of a different run (differs in {', '.join(diff)}); "
-                "use another cache directory or delete this one"
-            )
-        return
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(spec.as_json(), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, meta_path)
+    prepare_cache_dir(cache_dir, spec.as_json(), "a cut cache")
 
 
 def _compute_chunk(

