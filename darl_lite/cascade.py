@@ -70,23 +70,15 @@ def plan_call(
     lists = shift.list_candidates(assignment) if shift is not None else np.zeros(n, bool)
     list_routed = _route_lists(queries, lists, budget, notes)
 
-    decision = policy.decide(student, np.asarray(ood_scores, np.float64))
     allowed = ~lists & (shift.pair_routing_allowed(assignment) if shift is not None else True)
-    pair_candidates = decision.candidate & allowed
-    cap = int(np.floor(policy.max_route_fraction * n + 1e-9))
-    pairs = (
-        most_urgent(decision.urgency, pair_candidates, cap)
-        if pair_candidates.sum() > cap
-        else pair_candidates
-    )
-    for i in np.flatnonzero(pair_candidates & ~pairs):
+    decision = policy.decide(student, np.asarray(ood_scores, np.float64), allowed)
+    pairs = decision.routed
+    for i in np.flatnonzero(decision.candidate & ~pairs):
         notes[i] = NOTE_CALL_BUDGET
     if budget is not None:
         rest = int((~lists).sum())
         wanted = int(pairs.sum())
-        reserve = (
-            shift.list_reserve_pairs if shift is not None and any(k.route_lists for k in shift.kinds) else 0
-        )
+        reserve = shift.reserve_pairs if shift is not None else 0
         granted = budget.acquire(rest, wanted, reserve=reserve)
         if granted < wanted:
             kept = most_urgent(decision.urgency, pairs, granted)
@@ -96,7 +88,7 @@ def plan_call(
     return CallPlan(
         student=student,
         grades=grades,
-        candidate=lists | pair_candidates,
+        candidate=lists | decision.candidate,
         routed=list_routed | pairs,
         list_routed=list_routed,
         urgency=decision.urgency,

@@ -112,11 +112,18 @@ class RoutingPolicy:
         return score
 
     def decide(
-        self, probabilities: NDArray[np.floating], ood_scores: NDArray[np.floating]
+        self,
+        probabilities: NDArray[np.floating],
+        ood_scores: NDArray[np.floating],
+        allowed: NDArray[np.bool_] | None = None,
     ) -> RoutingDecision:
-        """Candidates and the routed subset for one call's pairs: the most urgent within budget."""
+        """Candidates and the routed subset for one call's pairs: the most urgent within budget.
+
+        ``allowed`` masks the pairs this policy may consider (the others are already decided, e.g.
+        sent as a whole shifted list); the per-call cap still counts every pair of the call.
+        """
         urgency = self.urgency(probabilities, ood_scores)
-        candidate = urgency > 0.0
+        candidate = urgency > 0.0 if allowed is None else (urgency > 0.0) & allowed
         budget = int(np.floor(self.max_route_fraction * len(urgency) + 1e-9))
         routed = candidate
         if candidate.sum() > budget:

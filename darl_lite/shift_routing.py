@@ -141,6 +141,11 @@ class ShiftRouting:
         allowed = np.asarray([k.route_pairs for k in self.kinds] + [True], bool)
         return allowed[assignment.kind]
 
+    @property
+    def reserve_pairs(self) -> int:
+        """The allowance per-pair routing must leave: the reserve, when some kind routes lists."""
+        return self.list_reserve_pairs if any(k.route_lists for k in self.kinds) else 0
+
     def with_kind(self, kind: ShiftKind) -> ShiftRouting:
         """A copy with ``kind`` added, or replacing the kind of the same name."""
         kinds = (*tuple(k for k in self.kinds if k.name != kind.name), kind)
