@@ -46,6 +46,17 @@ class CallPlan:
     urgency: NDArray[np.float64]
     query_shift: NDArray[np.float64]  # the query's shift probability (0 without a detector)
     notes: list[str]
+    #: each pair's population: the index of its query's kind of shift, -1 for in-distribution
+    population: NDArray[np.intp] | None = None
+
+    def fallback_grades(
+        self, probabilities: NDArray[np.floating], shift: ShiftRouting | None
+    ) -> NDArray[np.intp]:
+        """Grade decisions for the teacher's rows of the routed pairs (in order), with their
+        populations' fallback corrections when the bundle has them."""
+        if shift is None or self.population is None:
+            return np.asarray(probabilities).argmax(axis=1)
+        return shift.fallback_grades(probabilities, self.population[self.routed])
 
 
 def plan_call(
@@ -94,6 +105,7 @@ def plan_call(
         urgency=decision.urgency,
         query_shift=assignment.probability,
         notes=notes,
+        population=assignment.kind,
     )
 
 

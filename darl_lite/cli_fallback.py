@@ -112,7 +112,7 @@ def secret_from_env(option: str, var: str | None, fix: str) -> str | None:
 def scorer_from_args(args: argparse.Namespace) -> Iterator[Scorer]:
     """The bundle's scorer with the fallback and budget the options ask for; closes the fallback on exit.
 
-    Reads ``bundle``, ``precision`` and ``threads`` besides the fallback options.
+    Reads ``bundle``, ``precision``, ``threads`` and ``no_spinning`` besides the fallback options.
     """
     from darl_lite.inference import SessionConfig
     from darl_lite.scorer import Scorer
@@ -122,7 +122,9 @@ def scorer_from_args(args: argparse.Namespace) -> Iterator[Scorer]:
         yield Scorer.load(
             args.bundle,
             precision=args.precision,
-            session=SessionConfig(intra_op_threads=args.threads),
+            session=SessionConfig(
+                intra_op_threads=args.threads, spinning=not getattr(args, "no_spinning", False)
+            ),
             fallback=fallback,
             budget=budget,
         )

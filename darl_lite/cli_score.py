@@ -19,6 +19,11 @@ def register(sub: Any) -> None:
     score.add_argument("--items", required=True, help="file with one item per line, or - for stdin")
     score.add_argument("--precision", default="int8", choices=["int8", "fp32"])
     score.add_argument("--threads", type=int, default=0)
+    score.add_argument(
+        "--no-spinning",
+        action="store_true",
+        help="onnxruntime's threads sleep between ops instead of spinning (for a node that shares its cores)",
+    )
     score.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_fallback_arguments(score)
     score.set_defaults(handler=_cmd_score)

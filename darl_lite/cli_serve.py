@@ -26,6 +26,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_items=args.max_items,
         max_body_bytes=args.max_body_bytes,
         openapi=not args.no_openapi,
+        batching=not args.no_batching,
+        max_batch_pairs=args.max_batch_pairs,
+        model_workers=args.model_workers,
     )
     with scorer_from_args(args) as scorer:
         serve(scorer, config, token=token)
@@ -47,7 +50,29 @@ def register(subparsers: Any) -> None:
     srv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size limit")
     srv.add_argument("--precision", default="int8", choices=["int8", "fp32"])
     srv.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = auto)")
+    srv.add_argument(
+        "--no-spinning",
+        action="store_true",
+        help="onnxruntime's threads sleep between ops instead of spinning (for a node that shares its cores)",
+    )
     srv.add_argument("--no-openapi", action="store_true", help="serve no /openapi.json and no /docs page")
+    srv.add_argument(
+        "--no-batching",
+        action="store_true",
+        help="score each request on its own instead of coalescing concurrent ones into shared model passes",
+    )
+    srv.add_argument(
+        "--max-batch-pairs",
+        type=int,
+        default=256,
+        help="pairs of one coalesced model pass at most (default 256; a larger request goes alone)",
+    )
+    srv.add_argument(
+        "--model-workers",
+        type=int,
+        default=2,
+        help="model passes at once, each its own session with a share of --threads (default 2)",
+    )
     add_fallback_arguments(srv)
     srv.set_defaults(handler=_cmd_serve)
 

@@ -30,6 +30,12 @@ logger = logging.getLogger(__name__)
 CHARS_PER_TOKEN_CAP = 100
 #: Pairs tokenised and run per chunk of a long call (bounds the memory of one call).
 CHUNK_PAIRS = 1024
+#: A new batch is cut before a longer pair when padding the batch's rows to its length would cost
+#: more than this many padded tokens: about onnxruntime's fixed cost of one more run (measured on
+#: the MiniLM-L6 int8 graph, 2 threads: 0.5 ms, as much as 15 tokens; the cut made 10-, 100- and
+#: 1000-item calls 1.09x, 1.07x and 1.06x faster there, 10 and 100 items 1.17x and 1.12x at 1
+#: thread; docs/benchmarks.md). 0 turns the cut off (batches of ``batch_size`` only).
+RUN_COST_TOKENS = 16
 #: Graph output with the OOD score, when the export wrote it into the graph (darl_lite.export.ood_graph).
 OOD_OUTPUT = "ood_distance"
 
@@ -52,6 +58,10 @@ class SessionConfig:
     graph_optimization: str = "all"  # "disable" | "basic" | "extended" | "all"
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     disabled_optimizers: tuple[str, ...] = ("SkipLayerNormFusion",)
+    #: onnxruntime's worker threads spin between ops (and a while after a run) instead of sleeping:
+    #: faster alone, but a neighbouring session on the same cores pays for the spin (see
+    #: ``python -m bench.small_requests``, "neighbour" layout).
+    spinning: bool = True
 
     def session_options(self) -> ort.SessionOptions:
         levels = {
@@ -72,6 +82,8 @@ class SessionConfig:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = levels[self.graph_optimization]
         options.log_severity_level = 3
+        if not self.spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
 
     def create_session(
@@ -116,6 +128,26 @@ class BatchPlan:
     lengths: NDArray[np.int64]  # (N,) tokens per pair after truncation
     truncated: NDArray[np.bool_]  # (N,)
     batches: list[tuple[NDArray[np.intp], dict[str, NDArray[np.int64]]]]
+
+
+def batch_bounds(sorted_lengths: Sequence[int], batch_size: int, run_cost: float) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` cutting pairs sorted by length into batches of at most ``batch_size``.
+
+    Every batch is padded to its longest pair, so a batch also ends before a longer pair when
+    padding its rows up to that length would cost more padded tokens than ``run_cost`` (one more
+    run); the pairs after the cut start the next batch at their own length.
+    """
+    bounds: list[tuple[int, int]] = []
+    start, width = 0, 0
+    for j, length in enumerate(sorted_lengths):
+        rows = j - start
+        if rows == batch_size or (rows and run_cost > 0 and rows * (length - width) > run_cost):
+            bounds.append((start, j))
+            start = j
+        width = length
+    if len(sorted_lengths):
+        bounds.append((start, len(sorted_lengths)))
+    return bounds
 
 
 class RelevanceModel:
@@ -221,8 +253,8 @@ class RelevanceModel:
         lengths = rows.lengths
         order = np.argsort(lengths, kind="stable")
         batches = []
-        for start in range(0, n, self.batch_size):
-            index = order[start : start + self.batch_size]
+        for start, stop in batch_bounds(lengths[order].tolist(), self.batch_size, RUN_COST_TOKENS):
+            index = order[start:stop]
             batches.append((index, self._feeds(rows, index)))
         return BatchPlan(lengths, cut | rows.truncated, batches)
 

@@ -29,7 +29,12 @@ from darl_lite.shift import query_means
 from darl_lite.shift_routing import ShiftRouting
 from darl_lite.types import Pair
 
-CONTENDERS: tuple[str, ...] = ("student", "teacher", "random", "uncertainty", "cascade")
+#: ``student``: the student as a node serves it alone (its bundle's grade corrections applied);
+#: ``teacher``: the teacher's own argmax grades; ``teacher_corrected``: with the bundle's fallback
+#: corrections; ``random``: the served student with a random B of pairs sent to the (corrected)
+#: teacher; ``uncertainty``: last round's per-pair router, blind to shift and uncorrected;
+#: ``cascade``: the bundle's distribution-aware routing (:func:`darl_lite.cascade.plan_call`).
+CONTENDERS: tuple[str, ...] = ("student", "teacher", "teacher_corrected", "random", "uncertainty", "cascade")
 
 
 @dataclass(frozen=True)
@@ -101,16 +106,25 @@ def run_stream(
     teacher = data.teacher[rows]
     none = np.zeros(len(rows), bool)
     student = softmax(data.logits[rows], data.temperature)
+    queries = [data.queries[i] for i in rows.tolist()]
+    if shift is not None:
+        assignment = shift.assign(queries)
+        served = shift.adjust_logits(data.logits[rows], assignment).argmax(1)
+        teacher_grades = shift.fallback_grades(teacher, assignment.kind)
+    else:
+        served, teacher_grades = student.argmax(1), teacher.argmax(1)
     if contender == "student":
-        return StreamResult(student, student.argmax(1), none, none)
+        return StreamResult(student, served, none, none)
     if contender == "teacher":
         return StreamResult(teacher.copy(), teacher.argmax(1), ~none, none)
+    if contender == "teacher_corrected":
+        return StreamResult(teacher.copy(), teacher_grades, ~none, none)
     if contender == "random":
         routed = none.copy()
         k = int(np.floor(budget_fraction * len(rows)))
         routed[np.random.default_rng(seed).choice(len(rows), size=min(k, len(rows)), replace=False)] = True
         mixed = np.where(routed[:, None], teacher, student)
-        return StreamResult(mixed, mixed.argmax(1), routed, none)
+        return StreamResult(mixed, np.where(routed, teacher_grades, served), routed, none)
     clock = [0.0]
     budget = RouteBudget(budget_fraction, window_s=len(requests) + 1.0, clock=lambda: clock[0])
     parts: list[tuple[NDArray[np.float64], NDArray[np.intp], NDArray[np.bool_], NDArray[np.bool_]]] = []
@@ -126,10 +140,14 @@ def run_stream(
             budget=budget,
         )
         answer = data.teacher[request]
+        decided = plan.grades.copy()
+        decided[plan.routed] = plan.fallback_grades(
+            answer[plan.routed], shift if contender == "cascade" else None
+        )
         parts.append(
             (
                 np.where(plan.routed[:, None], answer, plan.student),
-                np.where(plan.routed, answer.argmax(1), plan.grades),
+                decided,
                 plan.routed,
                 plan.list_routed,
             )

@@ -23,7 +23,6 @@ from darl_lite.cascade_fit import fit_shift_kind, graded_evidence, write_with_sh
 from darl_lite.errors import BundleError, InputError
 from darl_lite.route_curve import route_curve
 from darl_lite.scorer import Scorer
-from darl_lite.shift_routing import ShiftRouting
 from darl_lite.types import Pair
 
 logger = logging.getLogger(__name__)
@@ -98,7 +97,7 @@ def refit_routing(
         seed=seed,
         random_repeats=5,
     )
-    refitted = ShiftRouting(shift.kinds, shift.reference_queries, shift.list_reserve_pairs).with_kind(kind)
+    refitted = shift.with_kind(kind)  # keeps the in-distribution correction
     bundle = write_with_shift_routing(scorer.bundle, refitted, str(out_dir), overwrite=overwrite)
     logger.info(
         "refit %s -> %s: kind %r: %s", bundle_dir, bundle.directory, kind.name, kind.evidence["decision"]

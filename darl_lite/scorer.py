@@ -28,7 +28,7 @@ from darl_lite.bundle import ROLE_TOKENIZER, Bundle, load_bundle, model_role, oo
 from darl_lite.calibration import softmax
 from darl_lite.cascade import NOTE_CALL_BUDGET, NOTE_LIST_BUDGET, NOTE_WINDOW_BUDGET, plan_call
 from darl_lite.errors import BundleError, InputError
-from darl_lite.inference import RelevanceModel, SessionConfig
+from darl_lite.inference import ModelOutputs, RelevanceModel, SessionConfig
 from darl_lite.ood import MahalanobisDetector
 from darl_lite.ood_scale import OODScale
 from darl_lite.ranking import RankedItem, check_top_k, rank_results
@@ -114,6 +114,8 @@ class Scorer:
             raise BundleError(
                 f"{bundle.directory}: calibration temperature must be > 0, got {self.temperature}"
             )
+        #: the onnxruntime options the model runs with (threads, spinning, rewrites)
+        self.session_config = session or SessionConfig()
         self.model = RelevanceModel(
             bundle.path_of(model_role(precision)),
             bundle.path_of(ROLE_TOKENIZER),
@@ -178,22 +180,17 @@ class Scorer:
     # ----------------------------------------------------------------------------------------------
     def score(self, query: str, items: Sequence[str]) -> list[PairScore]:
         """Grade every item against one query; an empty item list gives an empty list."""
-        _check_text(query, "query")
-        _check_items(items, "items")
-        return self._to_results(self.score_arrays([query] * len(items), list(items)))
+        flat = flatten_query(query, items)
+        return self._to_results(self.score_arrays(flat.queries, flat.items))
 
     def score_many(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[list[PairScore]]:
         """Many queries in one batch: ``[(query, items), ...]`` → one result list per query."""
-        queries: list[str] = []
-        items: list[str] = []
-        sizes: list[int] = []
-        for i, (query, its) in enumerate(_two_tuples(requests, "requests", "(query, items)")):
-            _check_text(query, f"requests[{i}].query")
-            _check_items(its, f"requests[{i}].items")
-            queries.extend([query] * len(its))
-            items.extend(its)
-            sizes.append(len(its))
-        flat = self._to_results(self.score_arrays(queries, items))
+        flat = flatten_requests(requests)
+        return self.split_results(self.score_arrays(flat.queries, flat.items), flat.sizes)
+
+    def split_results(self, scored: ScoredArrays, sizes: Sequence[int]) -> list[list[PairScore]]:
+        """``scored`` as one result list per request of ``sizes`` pairs, as :meth:`score_many` gives."""
+        flat = self._to_results(scored)
         out, start = [], 0
         for size in sizes:
             out.append(flat[start : start + size])
@@ -244,7 +241,18 @@ class Scorer:
 
     def score_arrays(self, queries: Sequence[str], items: Sequence[str]) -> ScoredArrays:
         """Score aligned pairs and return arrays; inputs are trusted to be validated strings."""
-        outputs = self.model.run(queries, items)
+        return self.finish_arrays(queries, items, self.model.run(queries, items))
+
+    def finish_arrays(
+        self, queries: Sequence[str], items: Sequence[str], outputs: ModelOutputs
+    ) -> ScoredArrays:
+        """Everything after the model pass: OOD, routing (:func:`plan_call`) and the fallback.
+
+        ``outputs`` are the model's outputs for exactly these pairs, e.g. rows of a larger pass that
+        scored several requests together (:mod:`darl_lite.serve_batching`): routing caps and budgets
+        apply to this call's pairs alone, and the fallback (maybe a slow HTTP call) runs here, never
+        inside the model pass.
+        """
         if outputs.ood is not None:  # computed in the graph's own pass (export wrote the nodes)
             ood = outputs.ood.astype(np.float64)
         else:
@@ -276,7 +284,7 @@ class Scorer:
                         notes[i] = f"fallback failed ({error}): student answer kept"
                 else:
                     final[routed_index] = answer
-                    grades[routed_index] = answer.argmax(axis=1)
+                    grades[routed_index] = plan.fallback_grades(answer, self.shift)
                     from_llm[routed_index] = True
         return ScoredArrays(
             probabilities=final,
@@ -337,6 +345,41 @@ class Scorer:
         ]
 
 
+@dataclass(frozen=True)
+class FlatRequests:
+    """Validated requests as aligned pairs: ``sizes[k]`` pairs of request ``k``, in order."""
+
+    queries: list[str]
+    items: list[str]
+    sizes: list[int]
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.queries)
+
+
+def flatten_requests(requests: Sequence[tuple[str, Sequence[str]]]) -> FlatRequests:
+    """``[(query, items), ...]`` validated as :meth:`Scorer.score_many` does (errors name
+    ``requests[i].query`` / ``requests[i].items[j]``) and flattened into aligned pairs."""
+    queries: list[str] = []
+    items: list[str] = []
+    sizes: list[int] = []
+    for i, (query, its) in enumerate(_two_tuples(requests, "requests", "(query, items)")):
+        _check_text(query, f"requests[{i}].query")
+        _check_items(its, f"requests[{i}].items")
+        queries.extend([query] * len(its))
+        items.extend(its)
+        sizes.append(len(its))
+    return FlatRequests(queries, items, sizes)
+
+
+def flatten_query(query: str, items: Sequence[str]) -> FlatRequests:
+    """One query's items validated as :meth:`Scorer.score` does (errors name ``query`` / ``items[j]``)."""
+    _check_text(query, "query")
+    _check_items(items, "items")
+    return FlatRequests([query] * len(items), list(items), [len(items)])
+
+
 def _two_tuples(values: object, field: str, shape: str) -> list[tuple[Any, Any]]:
     """``values`` as a list of 2-tuples, or :class:`InputError` naming ``field[i]`` (``shape`` says
     what one should be, e.g. ``"(query, item)"``); the members are checked by the caller."""
@@ -369,9 +412,12 @@ __all__ = [
     "NOTE_LIST_BUDGET",
     "NOTE_WINDOW_BUDGET",
     "Fallback",
+    "FlatRequests",
     "PairScore",
     "RankedItem",
     "ScoredArrays",
     "Scorer",
+    "flatten_query",
+    "flatten_requests",
     "softmax",
 ]

@@ -10,6 +10,11 @@ Endpoints:
   ``prometheus_client``: :mod:`darl_lite.serve_metrics`), ``GET /openapi.json`` and ``/docs``
   (the typed schema, :mod:`darl_lite.serve_schema`; ``openapi=False`` / ``--no-openapi`` removes them).
 
+Concurrent requests on every scoring route are coalesced (:mod:`darl_lite.serve_batching`): a
+model pass scores the pairs of everything queued, up to ``max_batch_pairs`` (``--max-batch-pairs``),
+on one of ``model_workers`` sessions (``--model-workers``, default 2), while routing and the
+fallback stay per request; ``batching=False`` (``--no-batching``) scores each request on its own.
+
 Safe defaults: bound to 127.0.0.1, request bodies capped while they stream in and item counts capped
 before any scoring, an optional bearer token compared in constant time and never logged or echoed,
 bad input answered 422 with a message naming the field, anything else 500 without a stack trace;
@@ -19,18 +24,22 @@ every error is ``{"detail": "..."}``. FastAPI, pydantic, prometheus_client and u
 
 # No ``from __future__ import annotations``: FastAPI reads the handlers' annotations at runtime,
 # and ``Request`` is imported inside :func:`create_app`, where only eager evaluation can see it.
+import contextlib
+import dataclasses
 import hmac
 import json
 import logging
+import operator
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from darl_lite.errors import InputError, MissingExtraError
 from darl_lite.http_body import HTTPProblem
 from darl_lite.http_body import read_body as read_capped_body
-from darl_lite.scorer import Scorer
+from darl_lite.scorer import PairScore, Scorer, flatten_query, flatten_requests
+from darl_lite.serve_batching import DEFAULT_MAX_BATCH_PAIRS, DEFAULT_MODEL_WORKERS, RequestBatcher
 from darl_lite.serve_metrics import ENDPOINTS, LATENCY_BUCKETS, TimedFallback
 
 logger = logging.getLogger(__name__)
@@ -43,12 +52,34 @@ class ServeConfig:
     max_items: int = 1000
     max_body_bytes: int = 1_000_000
     openapi: bool = True  # serve /openapi.json and /docs
+    batching: bool = True  # coalesce concurrent requests into shared model passes (serve_batching)
+    max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS  # pairs of one coalesced pass at most
+    model_workers: int = DEFAULT_MODEL_WORKERS  # coalesced passes at once, each its own session
 
     def __post_init__(self) -> None:
         if self.max_items < 1 or self.max_body_bytes < 1:
             raise InputError("max_items and max_body_bytes must be >= 1")
         if not 0 <= self.port <= 65535:
             raise InputError(f"port must lie in [0, 65535], got {self.port}")
+        check_batching(self.batching, self.max_batch_pairs)
+        if (
+            isinstance(self.model_workers, bool)
+            or not isinstance(self.model_workers, int)
+            or self.model_workers < 1
+        ):
+            raise InputError(
+                f"model_workers (--model-workers) must be an integer >= 1, got {self.model_workers!r}"
+            )
+
+
+def check_batching(batching: object, max_batch_pairs: object) -> None:
+    """:class:`InputError` naming the option when ``batching`` or ``max_batch_pairs`` is unusable."""
+    if not isinstance(batching, bool):
+        raise InputError(f"batching must be true or false, got {batching!r}")
+    if isinstance(max_batch_pairs, bool) or not isinstance(max_batch_pairs, int) or max_batch_pairs < 1:
+        raise InputError(
+            f"max_batch_pairs (--max-batch-pairs) must be an integer >= 1, got {max_batch_pairs!r}"
+        )
 
 
 def _import_fastapi() -> Any:
@@ -116,6 +147,10 @@ def create_app(
     max_body_bytes: int = 1_000_000,
     token: str | None = None,
     openapi: bool = True,
+    batching: bool = True,
+    max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS,
+    batch_wait_ms: float = 0.0,
+    model_workers: int = DEFAULT_MODEL_WORKERS,
 ) -> Any:
     """The FastAPI app serving ``scorer``.
 
@@ -123,6 +158,12 @@ def create_app(
     stays open for load balancers (readiness and the fallback's breaker state and counts, nothing
     else), as does the schema. A configured ``scorer.fallback`` is wrapped in
     :class:`~darl_lite.serve_metrics.TimedFallback` so its latency reaches /metrics and /healthz.
+
+    ``batching`` (default) sends every scoring route through a
+    :class:`~darl_lite.serve_batching.RequestBatcher`: concurrent requests share model passes of at
+    most ``max_batch_pairs`` pairs, one onnxruntime run at a time (``batch_wait_ms`` > 0 also lingers
+    that long after a first request for company; default 0: whatever queued during the previous
+    pass); False scores each request on its own in the scorer's executor.
     """
     fastapi = _import_fastapi()
     from darl_lite import serve_schema as schema
@@ -132,6 +173,7 @@ def create_app(
         raise InputError("max_items and max_body_bytes must be >= 1")
     if token is not None and not token.strip():
         raise InputError("token must be a non-empty string, or None for no authentication")
+    check_batching(batching, max_batch_pairs)
 
     def timed_fallback() -> TimedFallback | None:
         return scorer.fallback if isinstance(scorer.fallback, TimedFallback) else None
@@ -139,7 +181,26 @@ def create_app(
     metrics = ServeMetrics(timed_fallback)
     if scorer.fallback is not None and not isinstance(scorer.fallback, TimedFallback):
         scorer.fallback = TimedFallback(scorer.fallback, metrics.observe_fallback)
+    batcher = (
+        RequestBatcher(
+            scorer,
+            max_batch_pairs=max_batch_pairs,
+            max_wait_ms=batch_wait_ms,
+            observe=metrics.observe_pass,
+            model_workers=model_workers,
+        )
+        if batching
+        else None
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        yield  # the batcher starts on the first request, in the serving loop
+        if batcher is not None:
+            await batcher.close()
+
     app = fastapi.FastAPI(
+        lifespan=lifespan,
         title="darl-lite",
         summary="Graded query–item relevance: score, rerank (Cohere/Jina, text-embeddings-inference).",
         docs_url="/docs" if openapi else None,
@@ -147,8 +208,9 @@ def create_app(
         openapi_url="/openapi.json" if openapi else None,
     )
     app.state.metrics = metrics
+    app.state.batcher = batcher
     expected = f"Bearer {token}".encode() if token is not None else None
-    ctx = _Context(scorer, metrics, schema, expected, max_items, max_body_bytes)
+    ctx = _Context(scorer, metrics, schema, expected, max_items, max_body_bytes, batcher)
     _install_middleware(app, metrics)
     _install_info_routes(app, ctx)
     _install_score_route(app, ctx)
@@ -168,6 +230,27 @@ class _Context:
     expected_auth: bytes | None
     max_items: int
     max_body_bytes: int
+    batcher: RequestBatcher | None  # None: --no-batching
+
+    async def score_many(self, pairs: Sequence[tuple[str, Sequence[str]]]) -> list[list[PairScore]]:
+        """``scorer.score_many(pairs)`` through the batcher (or alone with batching off)."""
+        if self.batcher is not None:
+            return await self.batcher.submit_flat(flatten_requests(pairs))
+        results = await self.scorer.ascore_many(pairs)
+        self._observe_unbatched(sum(len(group) for group in results))
+        return results
+
+    async def score(self, query: str, items: Sequence[str]) -> list[PairScore]:
+        """``scorer.score(query, items)`` through the batcher (or alone with batching off)."""
+        if self.batcher is not None:
+            return (await self.batcher.submit_flat(flatten_query(query, items)))[0]
+        results = await self.scorer.ascore(query, items)
+        self._observe_unbatched(len(results))
+        return results
+
+    def _observe_unbatched(self, pairs: int) -> None:
+        if pairs:  # one request, one model pass (the batcher counts its own)
+            self.metrics.observe_pass(pairs, 1)
 
     @property
     def errors(self) -> dict[int | str, dict[str, Any]]:
@@ -209,7 +292,7 @@ class _Context:
 
         request = self.schema.CohereRerankRequest.model_validate(body)
         check_item_count(len(request.documents), self.max_items)
-        results = await self.scorer.ascore(request.query, request.documents)
+        results = await self.score(request.query, request.documents)
         self.metrics.observe_results(results)
         bundle = self.scorer.bundle
         answer = cohere_response(
@@ -224,28 +307,62 @@ class _Context:
 
         request = self.schema.TEIRerankRequest.model_validate(body)
         check_item_count(len(request.texts), self.max_items)
-        results = await self.scorer.ascore(request.query, request.texts)
+        results = await self.score(request.query, request.texts)
         self.metrics.observe_results(results)
         ranks = tei_response(request, results, gains=self.scorer.bundle.grade_gains)
         return JSONResponse([r.model_dump(mode="json", exclude_none=True) for r in ranks])
 
 
-def _install_middleware(app: Any, metrics: Any) -> None:
-    from fastapi.responses import JSONResponse
+_PAIR_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PairScore))
+_pair_values = operator.attrgetter(*_PAIR_FIELDS)
 
-    @app.middleware("http")
-    async def observe(request: Any, call_next: Any) -> Any:
+
+def pair_score_dict(score: PairScore) -> dict[str, Any]:
+    """``dataclasses.asdict(score)`` without its deep copies (same keys, same JSON), for /score."""
+    return dict(zip(_PAIR_FIELDS, _pair_values(score), strict=True))
+
+
+class _ObserveMiddleware:
+    """Request counts and latency for /metrics, and a bare 500 for anything unhandled.
+
+    A plain ASGI middleware, not ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware``
+    runs every request through extra tasks and memory streams, a fixed cost per request that a
+    10-item request feels.
+    """
+
+    def __init__(self, app: Any, metrics: Any) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         started = time.perf_counter()
         status = 500
+        sent = False
+
+        async def observed_send(message: Any) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status, sent = int(message["status"]), True
+            await send(message)
+
         try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
+            await self.app(scope, receive, observed_send)
         except Exception:  # anything unhandled: logged here, a bare 500 to the client
-            logger.exception("unhandled error serving %s", request.url.path)
-            return JSONResponse({"detail": "internal error"}, status_code=500)
+            logger.exception("unhandled error serving %s", scope.get("path"))
+            if not sent:
+                from fastapi.responses import JSONResponse
+
+                status = 500
+                await JSONResponse({"detail": "internal error"}, status_code=500)(scope, receive, send)
         finally:
-            metrics.observe_request(request.url.path, status, time.perf_counter() - started)
+            self.metrics.observe_request(scope.get("path", ""), status, time.perf_counter() - started)
+
+
+def _install_middleware(app: Any, metrics: Any) -> None:
+    app.add_middleware(_ObserveMiddleware, metrics=metrics)
 
 
 def _install_info_routes(app: Any, ctx: _Context) -> None:
@@ -257,7 +374,7 @@ def _install_info_routes(app: Any, ctx: _Context) -> None:
 
     @app.get("/healthz", response_model=ctx.schema.HealthResponse)
     async def healthz() -> Any:
-        fallback = scorer.fallback
+        fallback, batcher = scorer.fallback, ctx.batcher
         return {
             "status": "ok",
             "bundle_loaded": True,
@@ -265,6 +382,11 @@ def _install_info_routes(app: Any, ctx: _Context) -> None:
             "format_version": scorer.bundle.manifest.get("format_version"),
             "grades": scorer.grade_names,
             "fallback": fallback.health() if isinstance(fallback, TimedFallback) else {"configured": False},
+            "batching": {
+                "enabled": batcher is not None,
+                "max_batch_pairs": batcher.max_batch_pairs if batcher is not None else None,
+                "model_workers": batcher.model_workers if batcher is not None else None,
+            },
         }
 
     @app.get("/metrics", response_class=Response, responses={401: ctx.errors[401]})
@@ -283,10 +405,10 @@ def _install_score_route(app: Any, ctx: _Context) -> None:
 
     async def work(body: object) -> Any:
         batch, pairs = parse_score_body(body, ctx.max_items)
-        results = await ctx.scorer.ascore_many(pairs)
+        results = await ctx.score_many(pairs)
         for group in results:
             ctx.metrics.observe_results(group)
-        rows = [[asdict(r) for r in group] for group in results]
+        rows = [[pair_score_dict(r) for r in group] for group in results]
         return JSONResponse({"results": rows if batch else rows[0]})
 
     @app.post("/score", response_model=ctx.schema.ScoreResponse, responses=ctx.errors)
@@ -340,7 +462,14 @@ def serve(scorer: Scorer, config: ServeConfig | None = None, *, token: str | Non
         raise MissingExtraError.for_module("uvicorn", "serve") from exc
     cfg = config or ServeConfig()
     app = create_app(
-        scorer, max_items=cfg.max_items, max_body_bytes=cfg.max_body_bytes, token=token, openapi=cfg.openapi
+        scorer,
+        max_items=cfg.max_items,
+        max_body_bytes=cfg.max_body_bytes,
+        token=token,
+        openapi=cfg.openapi,
+        batching=cfg.batching,
+        max_batch_pairs=cfg.max_batch_pairs,
+        model_workers=cfg.model_workers,
     )
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         logger.warning("serving on %s without a bearer token: anyone who can reach it can score", cfg.host)
@@ -353,9 +482,11 @@ __all__ = [
     "LATENCY_BUCKETS",
     "HTTPProblem",
     "ServeConfig",
+    "check_batching",
     "check_item_count",
     "create_app",
     "decode_json",
+    "pair_score_dict",
     "parse_score_body",
     "read_body",
     "serve",

@@ -4,8 +4,11 @@ Each app gets its own :class:`prometheus_client.CollectorRegistry` (never the pr
 one), so several apps in one process, as in the tests, never collide or double-count. Names are the
 ones the hand-written exporter used (``darl_lite_requests_total``, ``darl_lite_pairs_scored_total``,
 ``darl_lite_route_rate``, …); the fallback LLM adds a call-latency histogram, call counts by outcome
-and its circuit breaker's state. ``prometheus_client`` comes with the ``serve`` extra and is imported
-only when :class:`ServeMetrics` is built.
+and its circuit breaker's state; model passes are counted (``darl_lite_model_passes_total``) with
+histograms of the pairs and of the calls each one served (``darl_lite_batch_pairs``,
+``darl_lite_batch_requests``), which show how well concurrent requests are coalesced.
+``prometheus_client`` comes with the ``serve`` extra and is imported only when :class:`ServeMetrics`
+is built.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from darl_lite.errors import MissingExtraError
 if TYPE_CHECKING:
     from darl_lite.scorer import PairScore
 
+#: Pairs-per-model-pass histogram bucket upper bounds (the batcher's default cap is 256).
+BATCH_PAIR_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: Calls-per-model-pass histogram bucket upper bounds.
+BATCH_REQUEST_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
 #: Latency histogram bucket upper bounds, seconds.
 LATENCY_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Endpoints with their own label value; any other path is counted as ``other`` (bounded labels).
@@ -165,6 +172,16 @@ class ServeMetrics:
         self.fallback_calls = prom.Counter(
             "darl_lite_fallback_calls", "Calls to the fallback LLM by outcome.", ["outcome"], registry=reg
         )
+        self.model_passes = prom.Counter(
+            "darl_lite_model_passes", "onnxruntime model passes (one may serve many requests).", registry=reg
+        )
+        self.batch_pairs = prom.Histogram(
+            "darl_lite_batch_pairs", "Pairs per model pass.", buckets=BATCH_PAIR_BUCKETS, registry=reg
+        )
+        self.batch_requests = prom.Histogram(
+            "darl_lite_batch_requests", "Scoring calls served by one model pass.",
+            buckets=BATCH_REQUEST_BUCKETS, registry=reg,
+        )  # fmt: skip
         reg.register(_BreakerCollector(prom, fallback))
         for endpoint in ENDPOINTS:  # every histogram series exists from the start, as before
             self.latency.labels(endpoint)
@@ -189,6 +206,12 @@ class ServeMetrics:
         self.from_llm.inc(sum(r.source == "llm" for r in results))
         self.fallback_errors.inc(sum(r.note.startswith("fallback failed") for r in results))
         self.budget_refused.inc(sum("budget exhausted" in r.note for r in results))
+
+    def observe_pass(self, pairs: int, requests: int) -> None:
+        """One model pass over ``pairs`` pairs serving ``requests`` scoring calls."""
+        self.model_passes.inc()
+        self.batch_pairs.observe(pairs)
+        self.batch_requests.observe(requests)
 
     def observe_fallback(self, seconds: float, ok: bool) -> None:
         self.fallback_latency.observe(seconds)
@@ -229,6 +252,8 @@ class _BreakerCollector:
 
 
 __all__ = [
+    "BATCH_PAIR_BUCKETS",
+    "BATCH_REQUEST_BUCKETS",
     "BREAKER_STATES",
     "ENDPOINTS",
     "LATENCY_BUCKETS",

@@ -200,6 +200,14 @@ class FallbackHealth(BaseModel):
     p50_latency_ms: float | None = None
 
 
+class BatchingHealth(BaseModel):
+    """Whether concurrent requests share model passes (``--no-batching`` turns it off)."""
+
+    enabled: bool
+    max_batch_pairs: int | None = None
+    model_workers: int | None = None
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok"]
     bundle_loaded: bool
@@ -207,6 +215,7 @@ class HealthResponse(BaseModel):
     format_version: int | None
     grades: list[str]
     fallback: FallbackHealth
+    batching: BatchingHealth | None = None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,18 +10,24 @@ traffic) with what was measured on graded dev pairs of that kind:
   ranked list, so no list is a mix of two models' scales.
 * ``route_pairs`` — per-pair uncertainty routing pays on that kind (off where the teacher is worse:
   sending its pairs to the teacher would lower quality).
-* ``logit_bias`` — the student's grade prior on that kind, corrected (added to its logits before
-  the temperature): a student that never says "strong" on questions gets its prior back.
+* ``logit_bias`` — the student's grade prior on that kind, corrected (added to its logits for the
+  grade decision only): a student that never says "strong" on questions gets its prior back.
+* ``fallback_bias`` — the same for the teacher's grades of that kind's routed pairs (added to the
+  log of its probabilities), fitted on the teacher's grades of the same dev pairs.
 
 Where the bundle has no evidence that the teacher wins on a kind of shift, it routes nothing for it.
-A query that no kind claims is in-distribution and keeps the bundle's per-pair policy.
+A query that no kind claims is in-distribution and keeps the bundle's per-pair policy; its grade
+decisions get their own corrections (``in_distribution_bias`` for the student,
+``in_distribution_fallback_bias`` for the teacher, fitted on in-distribution dev pairs). The
+fallback corrections hold for the teacher the bundle was fitted with (the tuned teacher served by
+``darl-lite distill serve-teacher``); ``darl-lite refit-routing`` refits them for another grader.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -48,6 +54,7 @@ class ShiftKind:
     logit_bias: tuple[float, ...] | None = None
     evidence: Mapping[str, Any] = field(default_factory=dict)
     pool_queries: tuple[str, ...] = ()
+    fallback_bias: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
@@ -59,7 +66,8 @@ class ShiftKind:
             "threshold": self.threshold,
             "route_lists": self.route_lists,
             "route_pairs": self.route_pairs,
-            "logit_bias": list(self.logit_bias) if self.logit_bias is not None else None,
+            "logit_bias": _bias_json(self.logit_bias),
+            "fallback_bias": _bias_json(self.fallback_bias),
             "evidence": dict(self.evidence),
             "detector": self.detector.to_json(),
             "pool_queries": list(self.pool_queries),
@@ -68,16 +76,16 @@ class ShiftKind:
     @classmethod
     def from_json(cls, data: Mapping[str, Any], source: str) -> ShiftKind:
         try:
-            bias = data.get("logit_bias")
             return cls(
                 name=str(data["name"]),
                 detector=QueryShiftDetector.from_json(data["detector"], source=f"{source}: {data['name']}"),
                 threshold=float(data["threshold"]),
                 route_lists=bool(data["route_lists"]),
                 route_pairs=bool(data.get("route_pairs", True)),
-                logit_bias=tuple(float(b) for b in bias) if bias is not None else None,
+                logit_bias=_bias_from_json(data.get("logit_bias"), source),
                 evidence=dict(data.get("evidence") or {}),
                 pool_queries=tuple(str(q) for q in data.get("pool_queries") or ()),
+                fallback_bias=_bias_from_json(data.get("fallback_bias"), source),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{source}: malformed shift kind ({exc!r}); re-export the bundle") from exc
@@ -99,6 +107,11 @@ class ShiftRouting:
     reference_queries: tuple[str, ...] = ()
     #: Pairs of sliding-window allowance per-pair routing leaves for whole lists (see RouteBudget).
     list_reserve_pairs: int = 0
+    #: The grade-prior correction of pairs no kind claims (fitted on in-distribution dev pairs).
+    in_distribution_bias: tuple[float, ...] | None = None
+    in_distribution_evidence: Mapping[str, Any] = field(default_factory=dict)
+    #: The same for the teacher's grades of routed in-distribution pairs.
+    in_distribution_fallback_bias: tuple[float, ...] | None = None
 
     def assign(self, queries: Sequence[str]) -> QueryAssignment:
         """The kind of each pair's query: the most probable kind past its threshold, else -1."""
@@ -116,20 +129,26 @@ class ShiftRouting:
         return QueryAssignment(chosen[rows].astype(np.intp), probs.max(axis=1)[rows])
 
     def adjust_logits(self, logits: NDArray[np.floating], assignment: QueryAssignment) -> NDArray[np.float64]:
-        """The student's logits with each kind's grade-prior correction added to its queries' pairs."""
-        out = np.asarray(logits, np.float64).copy()
-        for index, kind in enumerate(self.kinds):
-            if kind.logit_bias is None:
-                continue
-            rows = assignment.kind == index
-            if rows.any():
-                if len(kind.logit_bias) != out.shape[1]:
-                    raise BundleError(
-                        f"shift kind {kind.name!r} has {len(kind.logit_bias)} logit biases for "
-                        f"{out.shape[1]} grades; re-export the bundle"
-                    )
-                out[rows] += np.asarray(kind.logit_bias)
-        return out
+        """The student's logits with each population's grade-prior correction added to its pairs."""
+        biases = [(k.name, k.logit_bias) for k in self.kinds] + [
+            ("in-distribution", self.in_distribution_bias)
+        ]
+        return _add_biases(np.asarray(logits, np.float64), assignment.kind, biases)
+
+    def fallback_grades(
+        self, probabilities: NDArray[np.floating], kind: NDArray[np.intp]
+    ) -> NDArray[np.intp]:
+        """The teacher's grade decisions for its rows (``kind``: each row's population, -1 for none):
+        argmax of its log-probabilities plus that population's fallback correction."""
+        probs = np.asarray(probabilities, np.float64)
+        if not len(probs):
+            return np.zeros(0, np.intp)
+        biases = [(k.name, k.fallback_bias) for k in self.kinds]
+        biases.append(("in-distribution", self.in_distribution_fallback_bias))
+        if all(b is None for _, b in biases):
+            return probs.argmax(axis=1)
+        logp = np.log(np.clip(probs, 1e-12, None))
+        return _add_biases(logp, np.asarray(kind, np.intp), biases).argmax(axis=1)
 
     def list_candidates(self, assignment: QueryAssignment) -> NDArray[np.bool_]:
         """Pairs whose query belongs to a kind on which the teacher ranks better (whole lists)."""
@@ -149,7 +168,7 @@ class ShiftRouting:
     def with_kind(self, kind: ShiftKind) -> ShiftRouting:
         """A copy with ``kind`` added, or replacing the kind of the same name."""
         kinds = (*tuple(k for k in self.kinds if k.name != kind.name), kind)
-        return ShiftRouting(kinds, self.reference_queries, self.list_reserve_pairs)
+        return replace(self, kinds=kinds)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -157,6 +176,9 @@ class ShiftRouting:
             "list_reserve_pairs": self.list_reserve_pairs,
             "reference_queries": list(self.reference_queries),
             "kinds": [k.to_json() for k in self.kinds],
+            "in_distribution_bias": _bias_json(self.in_distribution_bias),
+            "in_distribution_fallback_bias": _bias_json(self.in_distribution_fallback_bias),
+            "in_distribution_evidence": dict(self.in_distribution_evidence),
         }
 
     def summary(self) -> list[dict[str, Any]]:
@@ -167,7 +189,8 @@ class ShiftRouting:
                 "threshold": k.threshold,
                 "route_lists": k.route_lists,
                 "route_pairs": k.route_pairs,
-                "logit_bias": list(k.logit_bias) if k.logit_bias is not None else None,
+                "logit_bias": _bias_json(k.logit_bias),
+                "fallback_bias": _bias_json(k.fallback_bias),
                 "evidence": dict(k.evidence),
             }
             for k in self.kinds
@@ -190,7 +213,44 @@ class ShiftRouting:
             kinds=kinds,
             reference_queries=tuple(str(q) for q in data.get("reference_queries") or ()),
             list_reserve_pairs=int(data.get("list_reserve_pairs", 0)),
+            in_distribution_bias=_bias_from_json(data.get("in_distribution_bias"), path),
+            in_distribution_evidence=dict(data.get("in_distribution_evidence") or {}),
+            in_distribution_fallback_bias=_bias_from_json(data.get("in_distribution_fallback_bias"), path),
         )
+
+
+def _add_biases(
+    values: NDArray[np.float64], kind: NDArray[np.intp], biases: list[tuple[str, tuple[float, ...] | None]]
+) -> NDArray[np.float64]:
+    """``values`` (a copy) with ``biases[k]`` added to the rows of population ``k`` (the last: -1)."""
+    out = values.copy()
+    for index, (name, bias) in enumerate(biases):
+        if bias is None:
+            continue
+        rows = kind == (index if index < len(biases) - 1 else -1)
+        if rows.any():
+            if len(bias) != out.shape[1]:
+                raise BundleError(
+                    f"{name!r} grade-prior correction has {len(bias)} logit biases for "
+                    f"{out.shape[1]} grades; re-export the bundle"
+                )
+            out[rows] += np.asarray(bias)
+    return out
+
+
+def _bias_json(bias: tuple[float, ...] | None) -> list[float] | None:
+    return list(bias) if bias is not None else None
+
+
+def _bias_from_json(raw: object, source: str) -> tuple[float, ...] | None:
+    if raw is None:
+        return None
+    try:
+        return tuple(float(b) for b in raw)  # type: ignore[attr-defined]
+    except (TypeError, ValueError) as exc:
+        raise BundleError(
+            f"{source}: malformed grade-prior correction ({exc!r}); re-export the bundle"
+        ) from exc
 
 
 __all__ = ["FORMAT", "ROLE_SHIFT", "QueryAssignment", "ShiftKind", "ShiftRouting"]

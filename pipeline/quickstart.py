@@ -233,7 +233,12 @@ def _score_split(
     queries, items = [p.query for p in pairs], [p.item for p in pairs]
     scored_fp32, scored = fp32.score_arrays(queries, items), cascade.score_arrays(queries, items)
     baseline[split] = _evaluate(np.eye(len(cascade.grade_names))[np.full(len(pairs), majority)], pairs)
-    metrics["teacher"][split] = _evaluate(teacher.predict_proba(pairs), pairs)
+    teacher_probs = np.asarray(teacher.predict_proba(pairs))
+    metrics["teacher"][split] = _evaluate(teacher_probs, pairs)
+    if cascade.shift is not None:  # the teacher's grades with the bundle's fallback corrections
+        kinds = cascade.shift.assign(queries).kind
+        corrected = cascade.shift.fallback_grades(teacher_probs, kinds)
+        metrics["teacher_corrected"][split] = _evaluate(teacher_probs, pairs, corrected)
     metrics["student_fp32"][split] = _evaluate(scored_fp32.student_probabilities, pairs)
     metrics["student_int8_uncorrected"][split] = _evaluate(softmax(scored.logits, cascade.temperature), pairs)
     served = _served_grades(cascade, queries, scored.logits)  # the student's decisions on a node
@@ -261,7 +266,14 @@ def _score_test_sets(
     cascade = Scorer(bundle, precision="int8", session=session, fallback=teacher_fallback)
     test_sets = {"id_test": list(splits.id_test), "ood_test": list(splits.ood_test)}
     majority = int(np.bincount([p.grade for p in train if p.grade is not None]).argmax())
-    models = ("teacher", "student_fp32", "student_int8_uncorrected", "student_int8", "cascade")
+    models = (
+        "teacher",
+        "teacher_corrected",
+        "student_fp32",
+        "student_int8_uncorrected",
+        "student_int8",
+        "cascade",
+    )
     metrics: dict[str, dict[str, dict[str, float]]] = {m: {} for m in models}
     baseline: dict[str, dict[str, float]] = {}
     ood: dict[str, np.ndarray] = {}
@@ -304,6 +316,8 @@ def _score_test_sets(
             "route_rate": route_rate,
             "policy": asdict(cascade.routing),
             "shift": bundle.manifest["routing"].get("shift"),
+            "in_distribution_bias": bundle.manifest["routing"].get("in_distribution_bias"),
+            "in_distribution_evidence": bundle.manifest["routing"].get("in_distribution_evidence"),
             "curve": curves,
             "mixed": mixed["streams"],
         },

@@ -197,3 +197,26 @@ def test_route_curve_mixed_and_refit_cli(
     text = capsys.readouterr().out
     assert "user traffic" in text and "route rate" in text
     assert (tmp_path / "new" / "manifest.json").is_file()
+
+
+def test_routed_lists_take_the_teacher_s_corrected_grades(
+    tiny_bundle_dir: Path, splits: Splits, teacher: FileTeacher, tmp_path: Path
+) -> None:
+    """A routed pair's grade is the teacher's argmax after its population's fallback correction."""
+    from darl_lite.types import Pair
+
+    reference = sorted({p.query for p in splits.train})
+    detector = fit_query_shift(reference, sorted({p.query for p in splits.ood_train}))
+    bias = (0.0, 0.0, 4.0)  # large enough to move every grade to "strong"
+    kind = ShiftKind("questions", detector, 0.5, route_lists=True, route_pairs=False, fallback_bias=bias)
+    shift = ShiftRouting((kind,), tuple(reference), list_reserve_pairs=0)
+    directory = write_with_shift_routing(load_bundle(tiny_bundle_dir), shift, str(tmp_path / "b")).directory
+    scorer = Scorer.load(directory, fallback=teacher_fallback(teacher))
+    query, items = _query_pairs(splits, "ood_test")
+    results = scorer.score(query, items)
+    probs = np.asarray(teacher.predict_proba([Pair(query, i) for i in items]))
+    expected = (np.log(np.clip(probs, 1e-12, None)) + np.asarray(bias)).argmax(1)
+    assert all(r.source == "llm" for r in results)
+    assert [r.grade for r in results] == expected.tolist()
+    assert [r.grade for r in results] != probs.argmax(1).tolist()  # the correction moved grades
+    np.testing.assert_allclose([r.probabilities for r in results], probs, atol=1e-6)  # not the ranking

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,7 +10,13 @@ import pytest
 
 from darl_lite.budget import RouteBudget
 from darl_lite.cascade import NOTE_LIST_BUDGET, plan_call
-from darl_lite.cascade_fit import GradedEvidence, bootstrap_mean_interval, fit_logit_bias, fit_shift_kind
+from darl_lite.cascade_fit import (
+    GradedEvidence,
+    bootstrap_mean_interval,
+    fit_in_distribution_bias,
+    fit_logit_bias,
+    fit_shift_kind,
+)
 from darl_lite.errors import BundleError, InputError
 from darl_lite.metrics import auroc
 from darl_lite.routing import RoutingPolicy
@@ -51,14 +58,18 @@ def test_detector_json_round_trip_and_refusals(tmp_path) -> None:  # type: ignor
         fit_query_shift(["a"], [])
 
 
-def _routing(route_lists: bool = True, bias: tuple[float, ...] | None = None) -> ShiftRouting:
+def _routing(
+    route_lists: bool = True, bias: tuple[float, ...] | None = None, in_bias: tuple[float, ...] | None = None
+) -> ShiftRouting:
     detector = fit_query_shift(
         ["red shoes", "cheap laptop bag", "shoes men", "laptop sleeve"],
         ["which shoe is best?", "who sells bags?", "what is a laptop?", "which bag is cheap?"],
         min_count=1,
     )
     return ShiftRouting(
-        (ShiftKind("questions", detector, 0.5, route_lists, False, bias),), list_reserve_pairs=0
+        (ShiftKind("questions", detector, 0.5, route_lists, False, bias),),
+        list_reserve_pairs=0,
+        in_distribution_bias=in_bias,
     )
 
 
@@ -119,6 +130,54 @@ def test_logit_bias_moves_the_kind_s_grades_never_the_ranking() -> None:
     assert plain.grades.tolist() == [0, 0, 0]
     assert biased.grades.tolist() == [2, 2, 0]  # the shifted query's grades move, the other's do not
     np.testing.assert_allclose(biased.student, plain.student)  # probabilities (the ranking) untouched
+
+
+def test_each_population_gets_its_own_correction() -> None:
+    queries = ["which shoe is best?", "red shoes", "red shoes"]
+    logits = np.asarray([[1.0, 0.5, 0.0], [1.0, 0.8, 0.0], [1.0, 0.2, 0.0]])
+    plan = _plan(_routing(bias=(0.0, 0.0, 2.0), in_bias=(0.0, 0.5, 0.0)), queries, logits=logits)
+    assert plan.grades.tolist() == [2, 1, 0]  # kind: +2 on "strong"; the rest: +0.5 on "weak"
+    plain = _plan(_routing(), queries, logits=logits)
+    np.testing.assert_allclose(plan.student, plain.student)
+
+
+def test_in_distribution_bias_is_fitted_on_unclaimed_pairs_only() -> None:
+    rng = np.random.default_rng(1)
+    routing = _routing()
+    keywords = ["red shoes", "cheap laptop bag", "shoes men", "laptop sleeve"] * 150
+    questions = ["which shoe is best?", "who sells bags?"] * 150
+    queries = keywords + questions
+    grades = rng.integers(0, 3, len(queries))
+    logits = np.eye(3)[grades] * 2.0 + rng.normal(0, 0.7, (len(queries), 3))
+    n_kw = len(keywords)
+    logits[:n_kw, 1] -= 2.5  # in distribution the student under-predicts "weak"
+    logits[n_kw:, 2] -= 2.5  # on the kind's queries it under-predicts "strong"
+    teacher = np.full((len(queries), 3), 0.1)
+    teacher[np.arange(len(queries)), grades] = 0.8
+    teacher[:n_kw, 2] *= 0.05  # a teacher that never says "strong" in distribution...
+    teacher[:n_kw] /= teacher[:n_kw].sum(1, keepdims=True)
+    ev = GradedEvidence(queries, grades, logits, teacher, 1.0, (0.0, 1.0, 2.0))
+    found = fit_in_distribution_bias(ev, routing)
+    bias = found.student
+    assert bias is not None and bias[1] > 1.0 and bias[2] <= 0.5  # the questions' prior is not its own
+    assert found.fallback is not None and found.fallback[2] > 0.5  # ...gets "strong" back
+    record = found.evidence
+    assert record["pairs"] == n_kw and record["macro_f1"][1] > record["macro_f1"][0] + 0.05
+    assert record["fallback_macro_f1"][1] > record["fallback_macro_f1"][0] + 0.05
+    empty = fit_in_distribution_bias(ev, routing, is_kind=np.ones(len(queries), bool))
+    assert empty.student is None and empty.fallback is None and empty.evidence["pairs"] == 0
+
+
+def test_fallback_grades_follow_each_population_s_correction() -> None:
+    routing = _routing()
+    routing = ShiftRouting(
+        (dataclasses.replace(routing.kinds[0], fallback_bias=(0.0, 0.0, 3.0)),),
+        in_distribution_fallback_bias=(0.0, 1.0, 0.0),
+    )
+    probs = np.asarray([[0.6, 0.3, 0.1], [0.6, 0.3, 0.1], [0.6, 0.3, 0.1]])
+    kinds = np.asarray([0, -1, -1])
+    assert routing.fallback_grades(probs, kinds).tolist() == [2, 1, 1]
+    assert ShiftRouting(()).fallback_grades(probs, kinds).tolist() == [0, 0, 0]  # none: argmax
 
 
 def test_routing_policy_takes_the_bundle_rule_unless_given_excess_thresholds() -> None:
@@ -183,13 +242,15 @@ def test_bootstrap_interval_brackets_the_mean() -> None:
 
 
 def test_shift_routing_file_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    routing = _routing(bias=(0.0, 0.5, 1.0))
+    routing = _routing(bias=(0.0, 0.5, 1.0), in_bias=(0.0, 0.25, 0.75))
     path = tmp_path / "shift.json"
     routing.save(str(path))
     loaded = ShiftRouting.load(str(path))
     queries = ["which shoe is best?", "red shoes"]
     assert loaded.assign(queries).kind.tolist() == routing.assign(queries).kind.tolist()
     assert loaded.kinds[0].logit_bias == (0.0, 0.5, 1.0)
+    assert loaded.in_distribution_bias == (0.0, 0.25, 0.75)
+    assert loaded.with_kind(loaded.kinds[0]).in_distribution_bias == (0.0, 0.25, 0.75)
     path.write_text('{"format": "nope"}')
     with pytest.raises(BundleError, match="re-export"):
         ShiftRouting.load(str(path))

@@ -1,0 +1,432 @@
+"""Coalesce concurrent requests into one onnxruntime pass, so small requests stop paying its fixed cost each.
+
+    batcher = RequestBatcher(scorer, max_batch_pairs=256)
+    results = await batcher.submit([("szechwan cuisine", ["Mapo tofu", "Afghan cuisine"])])
+
+Requests wait in a queue; a consumer task per *model worker* (default 2, each its own onnxruntime
+session with an equal share of the scorer's threads, on its own single-thread executor) takes
+everything queued (up to ``max_batch_pairs`` pairs; a larger request goes alone and the model chunks
+it), runs the concatenated pairs through its session, then hands each request its rows. Under load
+each worker runs its own pass, so one pass's Python work never stalls another's parallel section;
+a pass that finds every other worker idle is split across all of them, so a lone request still
+uses every core. Routing, budgets and the
+fallback (``Scorer.finish_arrays``) run per request on the scorer's executor: a routing cap keeps its
+per-call meaning and a slow fallback never holds the model thread. While one pass runs, new requests
+queue and go together in the next (natural batching); ``max_wait_ms`` > 0 also lingers that long for
+company after the first request arrives.
+
+Each request gets what ``scorer.score_many`` gives for it alone, up to the int8 graph's batch effect:
+the int8 graph is dynamically quantized, so activation scales depend on the other rows of a batch and a
+pair's probabilities may move slightly with its neighbours (fp32: equal up to float rounding).
+
+Robustness: a cancelled request (client gone) is skipped; when a batched pass raises, each request is
+retried alone so a bad one fails only itself; the consumer logs and carries on whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from darl_lite.errors import InputError
+from darl_lite.inference import ModelOutputs, RelevanceModel
+from darl_lite.scorer import FlatRequests, PairScore, Scorer, flatten_requests
+
+logger = logging.getLogger(__name__)
+
+#: Default cap on the pairs of one coalesced model pass.
+DEFAULT_MAX_BATCH_PAIRS = 256
+#: Default number of model workers. Measured on 2 cores (docs/benchmarks.md, "Serving under
+#: load"): two one-thread sessions served 1.1-1.6x the pairs per second of one two-thread session at
+#: concurrency 1-16, at equal or better p99; a lone pass is split across both.
+DEFAULT_MODEL_WORKERS = 2
+#: A pass with no other worker busy is split across the workers from this many pairs on.
+SPLIT_MIN_PAIRS = 8
+
+Results = list[list[PairScore]]
+
+
+def concat_outputs(parts: Sequence[ModelOutputs]) -> ModelOutputs:
+    """Model outputs of consecutive slices of pairs, joined in order."""
+    ood = [p.ood for p in parts]
+    return ModelOutputs(
+        np.concatenate([p.logits for p in parts]),
+        np.concatenate([p.pooled for p in parts]),
+        np.concatenate([p.truncated for p in parts]),
+        np.concatenate([p.n_tokens for p in parts]),
+        None if any(o is None for o in ood) else np.concatenate([o for o in ood if o is not None]),
+    )
+
+
+def slice_outputs(outputs: ModelOutputs, start: int, stop: int) -> ModelOutputs:
+    """Rows ``start:stop`` of every array of ``outputs`` (views, not copies)."""
+    return ModelOutputs(
+        outputs.logits[start:stop],
+        outputs.pooled[start:stop],
+        outputs.truncated[start:stop],
+        outputs.n_tokens[start:stop],
+        None if outputs.ood is None else outputs.ood[start:stop],
+    )
+
+
+def check_batching_options(max_batch_pairs: object, max_wait_ms: object = 0.0) -> None:
+    """:class:`InputError` naming the option when ``max_batch_pairs`` or ``max_wait_ms`` is unusable."""
+    if isinstance(max_batch_pairs, bool) or not isinstance(max_batch_pairs, int) or max_batch_pairs < 1:
+        raise InputError(f"max_batch_pairs must be an integer >= 1, got {max_batch_pairs!r}")
+    if (
+        isinstance(max_wait_ms, bool)
+        or not isinstance(max_wait_ms, (int, float))
+        or not math.isfinite(max_wait_ms)
+        or max_wait_ms < 0
+    ):
+        raise InputError(f"max_wait_ms must be a finite number >= 0, got {max_wait_ms!r}")
+
+
+@dataclass
+class _Entry:
+    """One submitted call waiting for its results."""
+
+    flat: FlatRequests
+    future: asyncio.Future[Results]
+
+
+class RequestBatcher:
+    """Coalesces concurrent :meth:`submit` calls into shared model passes (see the module docstring).
+
+    Built anywhere; it binds to the running event loop on the first :meth:`submit` (and rebinds if a
+    later one runs in another loop). ``observe(pairs, requests)`` is called once per model pass, on
+    the event loop. :meth:`close` stops it; a later :meth:`submit` starts it again.
+    """
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        *,
+        max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS,
+        max_wait_ms: float = 0.0,
+        observe: Callable[[int, int], None] | None = None,
+        model_workers: int = DEFAULT_MODEL_WORKERS,
+    ) -> None:
+        check_batching_options(max_batch_pairs, max_wait_ms)
+        if isinstance(model_workers, bool) or not isinstance(model_workers, int) or model_workers < 1:
+            raise InputError(f"model_workers must be an integer >= 1, got {model_workers!r}")
+        self.scorer = scorer
+        #: Model passes that may run at once. With more than one, each worker has its own
+        #: onnxruntime session with an equal share of the scorer's threads.
+        self.model_workers = model_workers
+        if model_workers == 1:
+            self._models = [scorer.model]
+        else:
+            threads = max(1, _scorer_threads(scorer) // model_workers)
+            self._models = [_worker_model(scorer, threads) for _ in range(model_workers)]
+        self.max_batch_pairs = max_batch_pairs
+        self.max_wait_s = float(max_wait_ms) / 1000.0
+        self._observe = observe
+        #: model passes run, pairs through them, submitted calls they served
+        self.passes = 0
+        self.pairs = 0
+        self.requests = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: deque[_Entry] = deque()
+        self._queued_pairs = 0
+        self._wakeup: asyncio.Event | None = None
+        self._consumers: list[asyncio.Task[None]] = []
+        self._finishing: set[asyncio.Task[None]] = set()
+        self._model_threads: list[ThreadPoolExecutor] = []
+        self._busy = 0  # model passes running now
+
+    # ----------------------------------------------------------------------------------------------
+    async def submit(self, requests: Sequence[tuple[str, Sequence[str]]]) -> Results:
+        """``scorer.score_many(requests)``, scored in a model pass shared with concurrent calls.
+
+        Validated as ``score_many`` validates (:class:`InputError` naming ``requests[i]...``) before
+        anything is queued, so a bad call never joins a batch.
+        """
+        return await self.submit_flat(flatten_requests(requests))
+
+    async def submit_flat(self, flat: FlatRequests) -> Results:
+        """:meth:`submit` for requests already validated and flattened (:func:`flatten_requests`,
+        :func:`~darl_lite.scorer.flatten_query`); one result list per entry of ``flat.sizes``."""
+        loop = asyncio.get_running_loop()
+        wakeup = self._bind(loop)
+        future: asyncio.Future[Results] = loop.create_future()
+        self._pending.append(_Entry(flat, future))
+        self._queued_pairs += flat.n_pairs
+        wakeup.set()
+        return await future  # cancelling the caller cancels ``future``: the consumer skips it
+
+    async def close(self) -> None:
+        """Stop the consumer, fail whatever is still queued, release the model thread."""
+        consumers, self._consumers = self._consumers, []
+        for consumer in consumers:
+            if not consumer.done():
+                consumer.cancel()
+                if consumer.get_loop() is asyncio.get_running_loop():
+                    await asyncio.wait({consumer})  # returns once it stopped; raises nothing
+        self._fail_pending(RuntimeError("the server is shutting down"))
+        for thread in self._model_threads:
+            thread.shutdown(wait=False)
+        self._model_threads = []
+        self._loop = None
+        self._wakeup = None
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting for a model pass."""
+        return len(self._pending)
+
+    # ----------------------------------------------------------------------------------------------
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> asyncio.Event:
+        """The wake-up event of ``loop``'s consumer, starting (or restarting) it as needed."""
+        if self._loop is not loop:
+            if self._loop is not None:
+                logger.warning("request batcher moved to a new event loop; calls queued on the old one fail")
+                self._fail_pending(RuntimeError("the event loop serving this request stopped"))
+            self._loop, self._wakeup, self._consumers = loop, asyncio.Event(), []
+        assert self._wakeup is not None
+        if not self._model_threads:
+            self._model_threads = [
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"darl-lite-model-{k}")
+                for k in range(self.model_workers)
+            ]
+        if len(self._consumers) != self.model_workers or any(c.done() for c in self._consumers):
+            for consumer in self._consumers:
+                consumer.cancel()
+            self._consumers = [
+                loop.create_task(self._consume(self._wakeup, k), name=f"darl-lite-batcher-{k}")
+                for k in range(self.model_workers)
+            ]
+        return self._wakeup
+
+    def _fail_pending(self, error: Exception) -> None:
+        loop = self._loop
+        while self._pending:
+            entry = self._pending.popleft()
+            if entry.future.done():
+                continue
+            if loop is None or loop.is_closed():
+                continue
+            try:
+                if loop is asyncio.get_running_loop():
+                    entry.future.set_exception(error)
+                    continue
+            except RuntimeError:  # no running loop in this thread
+                pass
+            loop.call_soon_threadsafe(_set_exception, entry.future, error)
+        self._queued_pairs = 0
+
+    async def _consume(self, wakeup: asyncio.Event, worker: int) -> None:
+        """One worker's consumer: wait, take a batch, run it; never dies of an error (only of close())."""
+        while True:
+            await wakeup.wait()
+            wakeup.clear()
+            try:
+                if self.max_wait_s > 0:
+                    await self._linger(wakeup)
+                while self._pending:
+                    await self._run_guarded(self._take(), worker)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not stop every later request
+                logger.exception("request batcher: unexpected error; carrying on")
+
+    async def _run_guarded(self, batch: list[_Entry], worker: int) -> None:
+        """:meth:`_run`, failing (never stranding) the batch's calls if it breaks or is cancelled."""
+        try:
+            await self._run(batch, worker)
+        except asyncio.CancelledError:
+            for entry in batch:
+                _set_exception(entry.future, RuntimeError("the server is shutting down"))
+            raise
+        except Exception as exc:
+            logger.exception("request batcher: a pass over %d calls failed unexpectedly", len(batch))
+            for entry in batch:
+                _set_exception(entry.future, exc)
+
+    async def _linger(self, wakeup: asyncio.Event) -> None:
+        """Wait up to ``max_wait_ms`` for more calls, unless a full batch is already queued."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        while self._queued_pairs < self.max_batch_pairs:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            wakeup.clear()
+            try:
+                await asyncio.wait_for(wakeup.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
+    def _take(self) -> list[_Entry]:
+        """The queued calls of the next pass: the first live one, then more while they fit the cap."""
+        batch: list[_Entry] = []
+        total = 0
+        while self._pending:
+            entry = self._pending[0]
+            if entry.future.done():  # cancelled: the client went away
+                self._pending.popleft()
+                self._queued_pairs -= entry.flat.n_pairs
+                continue
+            n = entry.flat.n_pairs
+            if batch and total + n > self.max_batch_pairs:
+                break
+            self._pending.popleft()
+            self._queued_pairs -= n
+            batch.append(entry)
+            total += n
+        return batch
+
+    async def _run(self, batch: list[_Entry], worker: int) -> None:
+        """One model pass over ``batch``'s pairs, then each call finishes on its own."""
+        if len(batch) == 1:
+            entry = batch[0]
+            try:
+                outputs = await self._model_pass(entry.flat.queries, entry.flat.items, 1, worker)
+            except Exception as exc:
+                _set_exception(entry.future, exc)
+                return
+            self._finish_later(entry, outputs)
+            return
+        queries = [q for entry in batch for q in entry.flat.queries]
+        items = [t for entry in batch for t in entry.flat.items]
+        try:
+            outputs = await self._model_pass(queries, items, len(batch), worker)
+        except Exception as exc:
+            logger.warning(
+                "batched model pass over %d calls failed (%s: %s); retrying each alone",
+                len(batch), type(exc).__name__, exc,
+            )  # fmt: skip
+            for entry in batch:
+                if not entry.future.done():
+                    await self._run([entry], worker)
+            return
+        start = 0
+        for entry in batch:
+            stop = start + entry.flat.n_pairs
+            if not entry.future.done():
+                self._finish_later(entry, slice_outputs(outputs, start, stop))
+            start = stop
+
+    def _finish_inline(self, entry: _Entry, outputs: ModelOutputs) -> bool:
+        """Without a fallback, finishing is a little numpy (routing marks, result objects): done
+        here, on the loop, cheaper than a thread hop per request. False when it must go to a thread."""
+        scorer, flat = self.scorer, entry.flat
+        if scorer.fallback is not None:
+            return False
+        try:
+            results = scorer.split_results(
+                scorer.finish_arrays(flat.queries, flat.items, outputs), flat.sizes
+            )
+        except Exception as exc:
+            _set_exception(entry.future, exc)
+        else:
+            if not entry.future.done():
+                entry.future.set_result(results)
+        return True
+
+    async def _model_pass(
+        self, queries: list[str], items: list[str], calls: int, worker: int
+    ) -> ModelOutputs:
+        model = self._models[worker]
+        if not queries:  # nothing to score: no thread hop, no pass counted
+            return model.run(queries, items)
+        loop = asyncio.get_running_loop()
+        # Alone (no other worker busy), a pass is split across every worker, so a lone request
+        # still uses every core; under load each worker runs its own pass.
+        lone = self.model_workers > 1 and self._busy == 0 and len(queries) >= SPLIT_MIN_PAIRS
+        self._busy += 1
+        try:
+            if lone:
+                cuts = np.linspace(0, len(queries), self.model_workers + 1).astype(int).tolist()
+                parts = await asyncio.gather(
+                    *(
+                        loop.run_in_executor(thread, m.run, queries[a:b], items[a:b])
+                        for thread, m, a, b in zip(
+                            self._model_threads, self._models, cuts[:-1], cuts[1:], strict=True
+                        )
+                    )
+                )
+                outputs = concat_outputs(parts)
+            else:
+                outputs = await loop.run_in_executor(self._model_threads[worker], model.run, queries, items)
+        finally:
+            self._busy -= 1
+        self.passes += 1
+        self.pairs += len(queries)
+        self.requests += calls
+        if self._observe is not None:
+            try:
+                self._observe(len(queries), calls)
+            except Exception:  # metrics must never fail a request
+                logger.exception("request batcher: observing a model pass failed")
+        return outputs
+
+    def _finish_later(self, entry: _Entry, outputs: ModelOutputs) -> None:
+        """Routing, fallback and results of one call on the scorer's executor, off the consumer
+        (inline when there is no fallback to wait for)."""
+        if self._finish_inline(entry, outputs):
+            return
+        task = asyncio.get_running_loop().create_task(self._finish(entry, outputs))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _finish(self, entry: _Entry, outputs: ModelOutputs) -> None:
+        loop = asyncio.get_running_loop()
+        scorer, flat = self.scorer, entry.flat
+
+        def work() -> Results:
+            return scorer.split_results(scorer.finish_arrays(flat.queries, flat.items, outputs), flat.sizes)
+
+        try:
+            results = await loop.run_in_executor(scorer.executor, work)
+        except asyncio.CancelledError:
+            entry.future.cancel()
+            raise
+        except Exception as exc:
+            _set_exception(entry.future, exc)
+        else:
+            if not entry.future.done():
+                entry.future.set_result(results)
+
+
+def _scorer_threads(scorer: Scorer) -> int:
+    """The intra-op threads the scorer's options ask for (0, onnxruntime's choice: the cores)."""
+    return scorer.session_config.intra_op_threads or os.cpu_count() or 1
+
+
+def _worker_model(scorer: Scorer, threads: int) -> RelevanceModel:
+    """Another session on the scorer's graph and tokenizer, with ``threads`` intra-op threads."""
+    from darl_lite.bundle import ROLE_TOKENIZER, model_role
+
+    model = scorer.model
+    return RelevanceModel(
+        scorer.bundle.path_of(model_role(scorer.precision)),
+        scorer.bundle.path_of(ROLE_TOKENIZER),
+        max_length=model.max_length,
+        session=replace(scorer.session_config, intra_op_threads=threads),
+        batch_size=model.batch_size,
+    )
+
+
+def _set_exception(future: asyncio.Future[Results], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+__all__ = [
+    "DEFAULT_MAX_BATCH_PAIRS",
+    "DEFAULT_MODEL_WORKERS",
+    "SPLIT_MIN_PAIRS",
+    "RequestBatcher",
+    "check_batching_options",
+    "concat_outputs",
+    "slice_outputs",
+]
