@@ -22,6 +22,12 @@ def softmax(logits: NDArray[np.floating], temperature: float = 1.0) -> NDArray[n
     return result
 
 
+def log_probabilities(probabilities: NDArray[np.floating]) -> NDArray[np.float64]:
+    """``log p`` in float64, with zeros floored at 1e-12 so a grader's hard 0 stays finite."""
+    result: NDArray[np.float64] = np.log(np.clip(np.asarray(probabilities, np.float64), 1e-12, None))
+    return result
+
+
 def fit_temperature(logits: NDArray[np.floating], grades: NDArray[np.integer]) -> float:
     """The temperature T minimising the negative log-likelihood of softmax(logits / T).
 

@@ -75,8 +75,10 @@ def plan_call(
         shift.assign(queries) if shift is not None else QueryAssignment(np.full(n, -1, np.intp), np.zeros(n))
     )
     student = softmax(logits, temperature)
-    adjusted = shift.adjust_logits(logits, assignment) if shift is not None else np.asarray(logits)
-    grades = adjusted.argmax(axis=1) if n else np.zeros(0, np.intp)
+    if shift is not None:
+        grades = shift.student_grades(logits, assignment.kind)
+    else:
+        grades = np.asarray(logits).argmax(axis=1) if n else np.zeros(0, np.intp)
     notes = [""] * n
     lists = shift.list_candidates(assignment) if shift is not None else np.zeros(n, bool)
     list_routed = _route_lists(queries, lists, budget, notes)

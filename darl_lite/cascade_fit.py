@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from darl_lite.calibration import softmax
+from darl_lite.calibration import log_probabilities, softmax
 from darl_lite.errors import InputError
 from darl_lite.metrics import auroc, macro_f1, ndcg_at_k, per_class_f1
 from darl_lite.shift import fit_query_shift
@@ -60,7 +60,7 @@ class GradedEvidence:
     def teacher_view(self) -> GradedEvidence:
         """The same pairs with the teacher's log-probabilities in the student's place, so its grade
         decisions are corrected by the same fitting as the student's."""
-        logp = np.log(np.clip(np.asarray(self.teacher_probs, np.float64), 1e-12, None))
+        logp = log_probabilities(self.teacher_probs)
         return GradedEvidence(self.queries, self.grades, logp, self.teacher_probs, 1.0, self.gains)
 
     def subset(self, mask: NDArray[np.bool_]) -> GradedEvidence:
@@ -388,9 +388,7 @@ def write_with_shift_routing(bundle: Any, shift: Any, out_dir: str, *, overwrite
     manifest["routing"] = {
         **manifest.get("routing", {}),
         "shift": shift.summary(),
-        "in_distribution_bias": list(shift.in_distribution_bias or ()) or None,
-        "in_distribution_fallback_bias": list(shift.in_distribution_fallback_bias or ()) or None,
-        "in_distribution_evidence": dict(shift.in_distribution_evidence),
+        **shift.in_distribution_summary(),
         "list_reserve_pairs": shift.list_reserve_pairs,
     }
     with tempfile.TemporaryDirectory() as tmp:

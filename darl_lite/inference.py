@@ -120,6 +120,28 @@ class ModelOutputs:
     #: (N,) the graph's own OOD score (OOD_OUTPUT), or None for a graph without it
     ood: NDArray[np.float32] | None = None
 
+    def rows(self, start: int, stop: int) -> ModelOutputs:
+        """Pairs ``start:stop`` of every array (views, not copies)."""
+        return ModelOutputs(
+            self.logits[start:stop],
+            self.pooled[start:stop],
+            self.truncated[start:stop],
+            self.n_tokens[start:stop],
+            None if self.ood is None else self.ood[start:stop],
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[ModelOutputs]) -> ModelOutputs:
+        """The outputs of consecutive runs of pairs, joined in order."""
+        ood = [p.ood for p in parts]
+        return ModelOutputs(
+            np.concatenate([p.logits for p in parts]),
+            np.concatenate([p.pooled for p in parts]),
+            np.concatenate([p.truncated for p in parts]),
+            np.concatenate([p.n_tokens for p in parts]),
+            None if any(o is None for o in ood) else np.concatenate([o for o in ood if o is not None]),
+        )
+
 
 @dataclass(frozen=True)
 class BatchPlan:
@@ -227,16 +249,11 @@ class RelevanceModel:
             return self._run_chunk(queries, items)
         # Long calls go chunk by chunk, so tokenizer encodings and padded batches of only one
         # chunk are alive at a time: peak memory stays flat however many pairs arrive.
-        parts = [
-            self._run_chunk(queries[start : start + CHUNK_PAIRS], items[start : start + CHUNK_PAIRS])
-            for start in range(0, n, CHUNK_PAIRS)
-        ]
-        return ModelOutputs(
-            np.concatenate([p.logits for p in parts]),
-            np.concatenate([p.pooled for p in parts]),
-            np.concatenate([p.truncated for p in parts]),
-            np.concatenate([p.n_tokens for p in parts]),
-            np.concatenate([p.ood for p in parts if p.ood is not None]) if self.has_ood_output else None,
+        return ModelOutputs.concat(
+            [
+                self._run_chunk(queries[start : start + CHUNK_PAIRS], items[start : start + CHUNK_PAIRS])
+                for start in range(0, n, CHUNK_PAIRS)
+            ]
         )
 
     def plan(self, queries: Sequence[str], items: Sequence[str]) -> BatchPlan:

@@ -109,7 +109,7 @@ def run_stream(
     queries = [data.queries[i] for i in rows.tolist()]
     if shift is not None:
         assignment = shift.assign(queries)
-        served = shift.adjust_logits(data.logits[rows], assignment).argmax(1)
+        served = shift.student_grades(data.logits[rows], assignment.kind)
         teacher_grades = shift.fallback_grades(teacher, assignment.kind)
     else:
         served, teacher_grades = student.argmax(1), teacher.argmax(1)

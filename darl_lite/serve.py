@@ -39,7 +39,12 @@ from darl_lite.errors import InputError, MissingExtraError
 from darl_lite.http_body import HTTPProblem
 from darl_lite.http_body import read_body as read_capped_body
 from darl_lite.scorer import PairScore, Scorer, flatten_query, flatten_requests
-from darl_lite.serve_batching import DEFAULT_MAX_BATCH_PAIRS, DEFAULT_MODEL_WORKERS, RequestBatcher
+from darl_lite.serve_batching import (
+    DEFAULT_MAX_BATCH_PAIRS,
+    DEFAULT_MODEL_WORKERS,
+    RequestBatcher,
+    check_batching_options,
+)
 from darl_lite.serve_metrics import ENDPOINTS, LATENCY_BUCKETS, TimedFallback
 
 logger = logging.getLogger(__name__)
@@ -61,25 +66,17 @@ class ServeConfig:
             raise InputError("max_items and max_body_bytes must be >= 1")
         if not 0 <= self.port <= 65535:
             raise InputError(f"port must lie in [0, 65535], got {self.port}")
-        check_batching(self.batching, self.max_batch_pairs)
-        if (
-            isinstance(self.model_workers, bool)
-            or not isinstance(self.model_workers, int)
-            or self.model_workers < 1
-        ):
-            raise InputError(
-                f"model_workers (--model-workers) must be an integer >= 1, got {self.model_workers!r}"
-            )
+        check_batching(self.batching, self.max_batch_pairs, self.model_workers)
 
 
-def check_batching(batching: object, max_batch_pairs: object) -> None:
-    """:class:`InputError` naming the option when ``batching`` or ``max_batch_pairs`` is unusable."""
+def check_batching(
+    batching: object, max_batch_pairs: object, model_workers: object = DEFAULT_MODEL_WORKERS
+) -> None:
+    """:class:`InputError` naming the option when ``batching``, ``max_batch_pairs`` or
+    ``model_workers`` is unusable."""
     if not isinstance(batching, bool):
         raise InputError(f"batching must be true or false, got {batching!r}")
-    if isinstance(max_batch_pairs, bool) or not isinstance(max_batch_pairs, int) or max_batch_pairs < 1:
-        raise InputError(
-            f"max_batch_pairs (--max-batch-pairs) must be an integer >= 1, got {max_batch_pairs!r}"
-        )
+    check_batching_options(max_batch_pairs, model_workers=model_workers)
 
 
 def _import_fastapi() -> Any:
@@ -173,7 +170,7 @@ def create_app(
         raise InputError("max_items and max_body_bytes must be >= 1")
     if token is not None and not token.strip():
         raise InputError("token must be a non-empty string, or None for no authentication")
-    check_batching(batching, max_batch_pairs)
+    check_batching(batching, max_batch_pairs, model_workers)
 
     def timed_fallback() -> TimedFallback | None:
         return scorer.fallback if isinstance(scorer.fallback, TimedFallback) else None

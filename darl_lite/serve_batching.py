@@ -54,33 +54,14 @@ SPLIT_MIN_PAIRS = 8
 Results = list[list[PairScore]]
 
 
-def concat_outputs(parts: Sequence[ModelOutputs]) -> ModelOutputs:
-    """Model outputs of consecutive slices of pairs, joined in order."""
-    ood = [p.ood for p in parts]
-    return ModelOutputs(
-        np.concatenate([p.logits for p in parts]),
-        np.concatenate([p.pooled for p in parts]),
-        np.concatenate([p.truncated for p in parts]),
-        np.concatenate([p.n_tokens for p in parts]),
-        None if any(o is None for o in ood) else np.concatenate([o for o in ood if o is not None]),
-    )
-
-
-def slice_outputs(outputs: ModelOutputs, start: int, stop: int) -> ModelOutputs:
-    """Rows ``start:stop`` of every array of ``outputs`` (views, not copies)."""
-    return ModelOutputs(
-        outputs.logits[start:stop],
-        outputs.pooled[start:stop],
-        outputs.truncated[start:stop],
-        outputs.n_tokens[start:stop],
-        None if outputs.ood is None else outputs.ood[start:stop],
-    )
-
-
-def check_batching_options(max_batch_pairs: object, max_wait_ms: object = 0.0) -> None:
-    """:class:`InputError` naming the option when ``max_batch_pairs`` or ``max_wait_ms`` is unusable."""
-    if isinstance(max_batch_pairs, bool) or not isinstance(max_batch_pairs, int) or max_batch_pairs < 1:
-        raise InputError(f"max_batch_pairs must be an integer >= 1, got {max_batch_pairs!r}")
+def check_batching_options(
+    max_batch_pairs: object, max_wait_ms: object = 0.0, model_workers: object = DEFAULT_MODEL_WORKERS
+) -> None:
+    """:class:`InputError` naming the option (and its ``darl-lite serve`` flag) that is unusable."""
+    for name, value in (("max_batch_pairs", max_batch_pairs), ("model_workers", model_workers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise InputError(f"{name} ({flag}) must be an integer >= 1, got {value!r}")
     if (
         isinstance(max_wait_ms, bool)
         or not isinstance(max_wait_ms, (int, float))
@@ -115,9 +96,7 @@ class RequestBatcher:
         observe: Callable[[int, int], None] | None = None,
         model_workers: int = DEFAULT_MODEL_WORKERS,
     ) -> None:
-        check_batching_options(max_batch_pairs, max_wait_ms)
-        if isinstance(model_workers, bool) or not isinstance(model_workers, int) or model_workers < 1:
-            raise InputError(f"model_workers must be an integer >= 1, got {model_workers!r}")
+        check_batching_options(max_batch_pairs, max_wait_ms, model_workers)
         self.scorer = scorer
         #: Model passes that may run at once. With more than one, each worker has its own
         #: onnxruntime session with an equal share of the scorer's threads.
@@ -312,25 +291,8 @@ class RequestBatcher:
         for entry in batch:
             stop = start + entry.flat.n_pairs
             if not entry.future.done():
-                self._finish_later(entry, slice_outputs(outputs, start, stop))
+                self._finish_later(entry, outputs.rows(start, stop))
             start = stop
-
-    def _finish_inline(self, entry: _Entry, outputs: ModelOutputs) -> bool:
-        """Without a fallback, finishing is a little numpy (routing marks, result objects): done
-        here, on the loop, cheaper than a thread hop per request. False when it must go to a thread."""
-        scorer, flat = self.scorer, entry.flat
-        if scorer.fallback is not None:
-            return False
-        try:
-            results = scorer.split_results(
-                scorer.finish_arrays(flat.queries, flat.items, outputs), flat.sizes
-            )
-        except Exception as exc:
-            _set_exception(entry.future, exc)
-        else:
-            if not entry.future.done():
-                entry.future.set_result(results)
-        return True
 
     async def _model_pass(
         self, queries: list[str], items: list[str], calls: int, worker: int
@@ -354,7 +316,7 @@ class RequestBatcher:
                         )
                     )
                 )
-                outputs = concat_outputs(parts)
+                outputs = ModelOutputs.concat(parts)
             else:
                 outputs = await loop.run_in_executor(self._model_threads[worker], model.run, queries, items)
         finally:
@@ -370,23 +332,25 @@ class RequestBatcher:
         return outputs
 
     def _finish_later(self, entry: _Entry, outputs: ModelOutputs) -> None:
-        """Routing, fallback and results of one call on the scorer's executor, off the consumer
-        (inline when there is no fallback to wait for)."""
-        if self._finish_inline(entry, outputs):
+        """Routing, fallback and results of one call. Without a fallback that is a little numpy,
+        done here on the loop (cheaper than a thread hop per request); with one (maybe a slow HTTP
+        call) it runs on the scorer's executor, off the consumer."""
+        if self.scorer.fallback is None:
+            _settle(entry.future, lambda: self._results(entry, outputs))
             return
         task = asyncio.get_running_loop().create_task(self._finish(entry, outputs))
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
 
+    def _results(self, entry: _Entry, outputs: ModelOutputs) -> Results:
+        flat = entry.flat
+        scored = self.scorer.finish_arrays(flat.queries, flat.items, outputs)
+        return self.scorer.split_results(scored, flat.sizes)
+
     async def _finish(self, entry: _Entry, outputs: ModelOutputs) -> None:
         loop = asyncio.get_running_loop()
-        scorer, flat = self.scorer, entry.flat
-
-        def work() -> Results:
-            return scorer.split_results(scorer.finish_arrays(flat.queries, flat.items, outputs), flat.sizes)
-
         try:
-            results = await loop.run_in_executor(scorer.executor, work)
+            results = await loop.run_in_executor(self.scorer.executor, self._results, entry, outputs)
         except asyncio.CancelledError:
             entry.future.cancel()
             raise
@@ -395,6 +359,17 @@ class RequestBatcher:
         else:
             if not entry.future.done():
                 entry.future.set_result(results)
+
+
+def _settle(future: asyncio.Future[Results], work: Callable[[], Results]) -> None:
+    """``future`` gets ``work()``'s results, or the exception it raised (unless already done)."""
+    try:
+        results = work()
+    except Exception as exc:
+        _set_exception(future, exc)
+    else:
+        if not future.done():
+            future.set_result(results)
 
 
 def _scorer_threads(scorer: Scorer) -> int:
@@ -427,6 +402,4 @@ __all__ = [
     "SPLIT_MIN_PAIRS",
     "RequestBatcher",
     "check_batching_options",
-    "concat_outputs",
-    "slice_outputs",
 ]

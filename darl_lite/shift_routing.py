@@ -34,6 +34,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from darl_lite.atomic import atomic_write_json
+from darl_lite.calibration import log_probabilities
 from darl_lite.errors import BundleError, InputError
 from darl_lite.shift import QueryShiftDetector
 
@@ -128,27 +129,22 @@ class ShiftRouting:
         rows = np.fromiter((row_of[q] for q in queries), np.intp, count=n)
         return QueryAssignment(chosen[rows].astype(np.intp), probs.max(axis=1)[rows])
 
-    def adjust_logits(self, logits: NDArray[np.floating], assignment: QueryAssignment) -> NDArray[np.float64]:
-        """The student's logits with each population's grade-prior correction added to its pairs."""
-        biases = [(k.name, k.logit_bias) for k in self.kinds] + [
-            ("in-distribution", self.in_distribution_bias)
-        ]
-        return _add_biases(np.asarray(logits, np.float64), assignment.kind, biases)
+    def student_grades(self, logits: NDArray[np.floating], kind: NDArray[np.intp]) -> NDArray[np.intp]:
+        """The student's grade decisions (``kind``: each row's population, -1 for none): argmax of
+        its logits plus that population's correction."""
+        biases = [(k.name, k.logit_bias) for k in self.kinds]
+        return _corrected_argmax(logits, kind, [*biases, ("in-distribution", self.in_distribution_bias)])
 
     def fallback_grades(
         self, probabilities: NDArray[np.floating], kind: NDArray[np.intp]
     ) -> NDArray[np.intp]:
-        """The teacher's grade decisions for its rows (``kind``: each row's population, -1 for none):
-        argmax of its log-probabilities plus that population's fallback correction."""
-        probs = np.asarray(probabilities, np.float64)
-        if not len(probs):
-            return np.zeros(0, np.intp)
+        """The teacher's grade decisions for its rows (``kind`` as above): argmax of its
+        log-probabilities plus that population's fallback correction."""
         biases = [(k.name, k.fallback_bias) for k in self.kinds]
         biases.append(("in-distribution", self.in_distribution_fallback_bias))
-        if all(b is None for _, b in biases):
-            return probs.argmax(axis=1)
-        logp = np.log(np.clip(probs, 1e-12, None))
-        return _add_biases(logp, np.asarray(kind, np.intp), biases).argmax(axis=1)
+        if all(b is None for _, b in biases):  # no correction: the argmax needs no logarithm
+            return np.asarray(probabilities).argmax(axis=1) if len(probabilities) else np.zeros(0, np.intp)
+        return _corrected_argmax(log_probabilities(probabilities), kind, biases)
 
     def list_candidates(self, assignment: QueryAssignment) -> NDArray[np.bool_]:
         """Pairs whose query belongs to a kind on which the teacher ranks better (whole lists)."""
@@ -176,6 +172,12 @@ class ShiftRouting:
             "list_reserve_pairs": self.list_reserve_pairs,
             "reference_queries": list(self.reference_queries),
             "kinds": [k.to_json() for k in self.kinds],
+            **self.in_distribution_summary(),
+        }
+
+    def in_distribution_summary(self) -> dict[str, Any]:
+        """What the manifest's ``routing`` shows of the in-distribution corrections."""
+        return {
             "in_distribution_bias": _bias_json(self.in_distribution_bias),
             "in_distribution_fallback_bias": _bias_json(self.in_distribution_fallback_bias),
             "in_distribution_evidence": dict(self.in_distribution_evidence),
@@ -219,23 +221,29 @@ class ShiftRouting:
         )
 
 
-def _add_biases(
-    values: NDArray[np.float64], kind: NDArray[np.intp], biases: list[tuple[str, tuple[float, ...] | None]]
-) -> NDArray[np.float64]:
-    """``values`` (a copy) with ``biases[k]`` added to the rows of population ``k`` (the last: -1)."""
-    out = values.copy()
+def _corrected_argmax(
+    values: NDArray[np.floating], kind: NDArray[np.intp], biases: list[tuple[str, tuple[float, ...] | None]]
+) -> NDArray[np.intp]:
+    """Row-wise argmax of ``values`` with ``biases[k]`` added to the rows of population ``k`` (the
+    last entry: population -1, the in-distribution rest); no copy when no bias applies."""
+    values = np.asarray(values, np.float64)
+    if not len(values):
+        return np.zeros(0, np.intp)
+    kind = np.asarray(kind, np.intp)
+    out = values
     for index, (name, bias) in enumerate(biases):
-        if bias is None:
-            continue
         rows = kind == (index if index < len(biases) - 1 else -1)
-        if rows.any():
-            if len(bias) != out.shape[1]:
-                raise BundleError(
-                    f"{name!r} grade-prior correction has {len(bias)} logit biases for "
-                    f"{out.shape[1]} grades; re-export the bundle"
-                )
-            out[rows] += np.asarray(bias)
-    return out
+        if bias is None or not rows.any():
+            continue
+        if len(bias) != values.shape[1]:
+            raise BundleError(
+                f"{name!r} grade-prior correction has {len(bias)} logit biases for "
+                f"{values.shape[1]} grades; re-export the bundle"
+            )
+        if out is values:
+            out = values.copy()
+        out[rows] += np.asarray(bias)
+    return out.argmax(axis=1)
 
 
 def _bias_json(bias: tuple[float, ...] | None) -> list[float] | None:

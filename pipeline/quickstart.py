@@ -77,13 +77,6 @@ def fit_pool_shift(bundle: Any, splits: Any, teacher: Any, *, threads: int = 0) 
     )
 
 
-def _served_grades(scorer: Any, queries: Sequence[str], logits: np.ndarray) -> np.ndarray:
-    """The student's grade decisions as a node serves them (its kind's prior correction applied)."""
-    if scorer.shift is None:
-        return np.asarray(logits).argmax(axis=1)
-    return scorer.shift.adjust_logits(logits, scorer.shift.assign(queries)).argmax(axis=1)
-
-
 def _evaluate(
     probs: np.ndarray, pairs: Sequence[Pair], decided: np.ndarray | None = None
 ) -> dict[str, float]:
@@ -235,13 +228,14 @@ def _score_split(
     baseline[split] = _evaluate(np.eye(len(cascade.grade_names))[np.full(len(pairs), majority)], pairs)
     teacher_probs = np.asarray(teacher.predict_proba(pairs))
     metrics["teacher"][split] = _evaluate(teacher_probs, pairs)
-    if cascade.shift is not None:  # the teacher's grades with the bundle's fallback corrections
+    served = scored.logits.argmax(axis=1)
+    if cascade.shift is not None:  # each grader's decisions with the bundle's corrections
         kinds = cascade.shift.assign(queries).kind
+        served = cascade.shift.student_grades(scored.logits, kinds)  # the student's on a node
         corrected = cascade.shift.fallback_grades(teacher_probs, kinds)
         metrics["teacher_corrected"][split] = _evaluate(teacher_probs, pairs, corrected)
     metrics["student_fp32"][split] = _evaluate(scored_fp32.student_probabilities, pairs)
     metrics["student_int8_uncorrected"][split] = _evaluate(softmax(scored.logits, cascade.temperature), pairs)
-    served = _served_grades(cascade, queries, scored.logits)  # the student's decisions on a node
     metrics["student_int8"][split] = _evaluate(scored.student_probabilities, pairs, served)
     metrics["cascade"][split] = _evaluate(scored.probabilities, pairs, scored.grades)
     return scored_fp32, scored

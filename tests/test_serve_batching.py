@@ -32,7 +32,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from darl_lite.serve import ServeConfig, create_app  # noqa: E402
-from darl_lite.serve_batching import RequestBatcher, slice_outputs  # noqa: E402
+from darl_lite.serve_batching import RequestBatcher  # noqa: E402
 
 REAL_BUNDLE = Path(__file__).resolve().parent.parent / "darl-lite-run" / "bundle"
 #: int8: largest probability move allowed between a coalesced pair and the pair scored alone.
@@ -215,9 +215,9 @@ def test_two_model_workers_give_the_same_results(
         RequestBatcher(scorer, model_workers=0)
 
 
-def test_slice_outputs_takes_rows_of_every_array(scorer: Scorer) -> None:
+def test_model_outputs_rows_takes_rows_of_every_array(scorer: Scorer) -> None:
     outputs = scorer.model.run(["q", "q", "r"], ["a", "b", "c"])
-    part = slice_outputs(outputs, 1, 3)
+    part = outputs.rows(1, 3)
     assert part.logits.shape[0] == part.pooled.shape[0] == len(part.truncated) == len(part.n_tokens) == 2
     np.testing.assert_array_equal(part.logits, outputs.logits[1:3])
     assert (part.ood is None) == (outputs.ood is None)
