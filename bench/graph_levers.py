@@ -1,6 +1,7 @@
 """Which graph and session levers make the int8 session faster, measured against the shipped graph.
 
     python -m bench.graph_levers --bundle darl-lite-run/bundle --out bench/results/levers.json
+    python -m bench.graph_levers --bundle darl-lite-run/bundle --out bench/results/levers.json --static
 
 Variants, all built from the bundle's own fp32 graph with the export's own functions
 (``darl_lite.export.fuse.fuse_attention``, ``darl_lite.export.quantize.quantize_int8`` with the
@@ -17,7 +18,23 @@ agreement with fp32 on 2,000 dev pairs:
   EmbedLayerNormalization too), then int8 with ``QAttention``, with every rewrite;
 * ``fp32``: the reference;
 * thread layouts on the shipped graph: one session with 2 intra-op threads (the runtime's), the
-  same without spinning, and two 1-thread sessions each running half of the batches concurrently.
+  same without spinning, and two 1-thread sessions each running half of the batches concurrently;
+* static int8 (activation scales calibrated once, on ``--calib-pairs`` train pairs tokenised and
+  batched the runtime's way), the OOD nodes fp32 as in the shipped graph:
+
+  * ``static QDQ``: onnxruntime's ``quantize_static`` (QDQ, per-channel QInt8 weights, QUInt8
+    activations, MinMax, MatMuls, the bundle's fp32 exclusions) on the unfused fp32 graph; the
+    fused ``Attention`` has no static quantizer (``QAttention`` is dynamic-only in onnxruntime);
+  * ``static scales``: ``quantize_int8(mode="static")`` of the fused graph (the export's static
+    mode: the dynamic graph with each ``DynamicQuantizeLinear`` a ``QuantizeLinear`` at a fixed
+    scale, each int8 product a ``MatMulIntegerToFloat``), with the bundle's exclusions, and with
+    the head alone fp32 (what ``ExportConfig(quant_mode="static")`` ships when its gate passes);
+  * ``dynamic, head only fp32``: the dynamic graph without the sensitivity exclusions, for contrast.
+
+``--static`` also times ``shipped`` against the two static-scales graphs at 1, 10, 100 and 1000
+items with 1 and 2 threads in alternating rounds (``static_study`` in the JSON). Every graph's
+``batch_dependence`` is the largest |logit| difference between a dev pair scored alone and in its
+batch: dynamic activation scales depend on the other pairs of the batch, static ones do not.
 
 Ratios are against ``shipped`` in the same run; medians over ``--reps`` requests.
 """
@@ -30,8 +47,9 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -49,10 +67,52 @@ ALL_FUSIONS = {
 }
 
 
-def build_variants(bundle: Path, work: Path, num_heads: int) -> dict[str, tuple[Path, tuple[str, ...]]]:
-    """name -> (graph, onnxruntime rewrites to skip)."""
+#: The static-scales variants (see the module docstring).
+STATIC_SAME = "static scales, the bundle's fp32 exclusions"
+STATIC_HEAD = "static scales, head only fp32 (quant_mode='static')"
+OOD_PREFIX = "darl_ood/"  # darl_lite.export.ood_graph's node names: its MatMul stays fp32
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over prebuilt feeds."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+        self.feeds = list(feeds)
+        self._it = iter(self.feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self.feeds)
+
+
+def static_qdq(
+    fp32: Path, target: Path, feeds: Sequence[dict[str, np.ndarray]], excluded: Sequence[str]
+) -> Path:
+    """onnxruntime ``quantize_static`` of the unfused fp32 graph: QDQ, MinMax, per-channel MatMuls."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    nodes = [n.name for n in onnx.load(str(fp32), load_external_data=False).graph.node]
+    keep = [*excluded, *(n + "_MatMul" for n in excluded), *(n for n in nodes if n.startswith(OOD_PREFIX))]
+    quantize_static(
+        str(fp32), str(target), _Reader(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        nodes_to_exclude=keep, calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+    )  # fmt: skip
+    return target
+
+
+def build_variants(
+    bundle: Path, work: Path, num_heads: int, calibration: Sequence[dict[str, np.ndarray]] = ()
+) -> dict[str, tuple[Path, tuple[str, ...]]]:
+    """name -> (graph, onnxruntime rewrites to skip); the static variants only with ``calibration``."""
+    import onnx
+
     from darl_lite.export.fuse import fuse_attention
-    from darl_lite.export.quantize import quantize_int8
+    from darl_lite.export.quantize import head_nodes, quantize_int8
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     fp32 = bundle / "model_fp32.onnx"
@@ -72,12 +132,39 @@ def build_variants(bundle: Path, work: Path, num_heads: int) -> dict[str, tuple[
         fp32, fused_all, model_type="bert", num_heads=num_heads, hidden_size=hidden, switches=ALL_FUSIONS
     )
     plain = int8(fp32, "plain_int8")
+    static: dict[str, tuple[Path, tuple[str, ...]]] = {}
+    if calibration:
+        excluded = quant["excluded_nodes"]
+        fused = work / "fused_fp32.onnx"
+        fuse_attention(fp32, fused, model_type="bert", num_heads=num_heads, hidden_size=hidden)
+        model = onnx.load(str(fp32), load_external_data=False)
+        ood = [n.name for n in model.graph.node if n.name.startswith(OOD_PREFIX) and n.op_type == "MatMul"]
+        heads = head_nodes(model)
+
+        def int8_of(name: str, keep: Sequence[str], mode: Literal["dynamic", "static"]) -> Path:
+            target = work / f"{name}.onnx"
+            quantize_int8(
+                fused, target, preset=quant["preset"], per_channel=quant["per_channel"],
+                exclude_nodes=[*keep, *ood], mode=mode, calibration=calibration if mode == "static" else None,
+            )  # fmt: skip
+            return target
+
+        static = {
+            "static QDQ (quantize_static, MinMax), unfused": (
+                static_qdq(fp32, work / "static_qdq.onnx", calibration, excluded),
+                RUNTIME,
+            ),
+            STATIC_SAME: (int8_of("static_same", excluded, "static"), RUNTIME),
+            STATIC_HEAD: (int8_of("static_head", heads, "static"), RUNTIME),
+            "dynamic, head only fp32": (int8_of("dynamic_head", heads, "dynamic"), RUNTIME),
+        }
     return {
         "shipped": (bundle / "model_int8.onnx", RUNTIME),
         "shipped, SkipLayerNormFusion on": (bundle / "model_int8.onnx", ALL_REWRITES),
         "plain int8 (no attention fusion)": (plain, RUNTIME),
         "plain int8, every rewrite (the runtime before)": (plain, ALL_REWRITES),
         "fused, all fusions, then int8": (int8(fused_all, "fused_all_int8"), ALL_REWRITES),
+        **static,
         "fp32": (fp32, RUNTIME),
     }
 
@@ -95,6 +182,15 @@ def _session(path: Path, threads: int, disabled: Sequence[str] = RUNTIME, spinni
     )
 
 
+def _run_all(session: Any, batches: Sequence[dict[str, np.ndarray]]) -> list[Any]:
+    return [session.run(None, f) for f in batches]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return np.asarray(shifted / shifted.sum(axis=1, keepdims=True))
+
+
 def _median_seconds(call: Callable[[], Any], reps: int) -> float:
     for _ in range(5):
         call()
@@ -106,6 +202,54 @@ def _median_seconds(call: Callable[[], Any], reps: int) -> float:
     return float(np.median(times))
 
 
+def static_study(
+    graphs: dict[str, Path], requests: dict[int, list[dict[str, np.ndarray]]], rounds: int, budget_s: float
+) -> dict[str, Any]:
+    """Median ms per request of each graph (the first is the reference) per thread count and size,
+    in alternating rounds: each round runs every graph ``per_round`` times, starting one further on."""
+    study: dict[str, Any] = {}
+    names = list(graphs)
+    for threads in (1, 2):
+        sessions = {name: _session(path, threads) for name, path in graphs.items()}
+        for size, batches in requests.items():
+            calls = {name: partial(_run_all, s, batches) for name, s in sessions.items()}
+            for call in calls.values():
+                call()
+            started = time.perf_counter()
+            calls[names[0]]()
+            per_round = max(1, int(budget_s / max(time.perf_counter() - started, 1e-6)))
+            times: dict[str, list[float]] = {name: [] for name in calls}
+            for r in range(rounds):
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    for _ in range(per_round):
+                        started = time.perf_counter()
+                        calls[name]()
+                        times[name].append(time.perf_counter() - started)
+            medians = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+            key = f"{threads} thread(s), {size} items"
+            study[key] = {
+                name: {"median_ms": round(ms, 3), "speed_vs_first": round(medians[names[0]] / ms, 3)}
+                for name, ms in medians.items()
+            }
+            study[key]["requests_each"] = rounds * per_round
+            print(
+                key,
+                {name: (round(ms, 2), study[key][name]["speed_vs_first"]) for name, ms in medians.items()},
+            )
+    return study
+
+
+def _batch_dependence(session: Any, dev_feeds: Sequence[dict[str, np.ndarray]], batched: np.ndarray) -> float:
+    """Largest |logit| change of the first dev batch's pairs scored one at a time instead of together."""
+    feed = dev_feeds[0]
+    lengths = feed["attention_mask"].sum(1)
+    alone = [
+        session.run(["logits"], {k: v[i : i + 1, : lengths[i]] for k, v in feed.items()})[0][0]
+        for i in range(len(lengths))
+    ]
+    return float(np.max(np.abs(np.asarray(alone) - batched)))
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench.graph_levers", description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", required=True, type=Path)
@@ -114,6 +258,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--reps", type=int, default=40)
     parser.add_argument("--items", type=int, default=100)
     parser.add_argument("--num-heads", type=int, default=12, help="attention heads (MiniLM-L6: 12)")
+    parser.add_argument(
+        "--calib-pairs", type=int, default=384, help="train pairs for static scales (0: none)"
+    )
+    parser.add_argument("--static", action="store_true", help="also time static scales at 1-1000 items")
     args = parser.parse_args(argv)
 
     from bench.common import RawSession, latency_requests
@@ -127,19 +275,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     plan = raw.helper.plan([p.query for p in dev], [p.item for p in dev])
     dev_index = np.concatenate([index for index, _ in plan.batches])
     dev_feeds = [feeds for _, feeds in plan.batches]
+    pick = np.random.default_rng(0).choice(
+        len(splits.train), min(args.calib_pairs, len(splits.train)), replace=False
+    )
+    calibration_pairs = [splits.train[i] for i in sorted(pick)] if args.calib_pairs else []
+    calibration = [
+        feeds
+        for _, feeds in raw.helper.plan(
+            [p.query for p in calibration_pairs], [p.item for p in calibration_pairs]
+        ).batches
+    ] if calibration_pairs else []  # fmt: skip
 
     report: dict[str, Any] = {"query": query, "items": len(items), "threads": args.threads, "graphs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        variants = build_variants(args.bundle, Path(tmp), args.num_heads)
+        variants = build_variants(args.bundle, Path(tmp), args.num_heads, calibration)
         logits: dict[str, np.ndarray] = {}
         for name, (path, disabled) in variants.items():
             session = _session(path, args.threads, disabled)
             logits[name] = np.empty((len(dev), raw.helper.n_grades or 3), np.float32)
             logits[name][dev_index] = np.concatenate([session.run(["logits"], f)[0] for f in dev_feeds])
-            seconds = _median_seconds(lambda s=session: [s.run(None, f) for f in batches], args.reps)
-            report["graphs"][name] = {"median_ms": round(seconds * 1e3, 2)}
+            seconds = _median_seconds(partial(_run_all, session, batches), args.reps)
+            report["graphs"][name] = {
+                "median_ms": round(seconds * 1e3, 2),
+                "batch_dependence": _batch_dependence(
+                    session, dev_feeds, logits[name][dev_index[: len(dev_feeds[0]["input_ids"])]]
+                ),
+            }
         for name, entry in report["graphs"].items():
             entry["agreement_vs_fp32"] = float((logits[name].argmax(1) == logits["fp32"].argmax(1)).mean())
+            diff = np.abs(_softmax(logits[name]) - _softmax(logits["fp32"]))
+            entry["max_abs_prob_diff"], entry["mean_abs_prob_diff"] = float(diff.max()), float(diff.mean())
             entry["speed_vs_shipped"] = round(
                 report["graphs"]["shipped"]["median_ms"] / entry["median_ms"], 3
             )
@@ -171,6 +336,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "speed_vs_runtime": round(base / seconds, 3),
             }
         pool.shutdown()
+        if args.static and STATIC_HEAD in variants:
+            sized = latency_requests((1, 10, 100, 1000))
+            requests = {n: raw.batches(*sized[n]) for n in (1, 10, 100, 1000)}
+            graphs = {name: variants[name][0] for name in ("shipped", STATIC_SAME, STATIC_HEAD)}
+            report["static_study"] = static_study(graphs, requests, rounds=8, budget_s=0.4)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(report, indent=2))

@@ -9,13 +9,13 @@ then runs every case of :mod:`bench.load_server` (10 and 100 items x concurrency
 one server, then the other, for ``--rounds`` rounds, swapping who goes first each round: this
 machine is shared and its speed drifts by tens of percent within minutes, so only figures taken
 side by side compare. Per case: the median over rounds of throughput and of p99, and the ratio.
-Extra darl-lite variants (e.g. ``--no-batching``) can join with ``--variant NAME=ARGS``.
+Extra darl-lite variants (e.g. ``--no-batching``) can join with ``--variant NAME=ARGS``;
+``--sizes`` and ``--concurrency`` pick the cases (default: all six).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.load_server import CONCURRENCY, SIZES, run_load
+from bench.load_server import CONCURRENCY, SIZES, int_list, run, run_load
 
 
 def _wait_up(url: str, process: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:
@@ -72,8 +72,14 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         names = list(commands)
         for r in range(args.rounds):
             for name in names if r % 2 == 0 else names[::-1]:
-                report = asyncio.run(
-                    run_load(processes[name][1], requests=args.requests, deadline_s=args.deadline)
+                report = run(
+                    run_load(
+                        processes[name][1],
+                        sizes=args.sizes,
+                        concurrency=args.concurrency,
+                        requests=args.requests,
+                        deadline_s=args.deadline,
+                    )
                 )
                 rounds[name].append(report["cases"])
                 print(f"round {r + 1} {name}: done", flush=True)
@@ -87,20 +93,18 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
 def summarise(rounds: dict[str, list[list[dict[str, Any]]]]) -> dict[str, Any]:
     """Median throughput and p99 per case and contender over the rounds, and ratios to the peer."""
+    first = next(iter(rounds.values()))[0]
     cases: list[dict[str, Any]] = []
-    for items in SIZES:
-        for concurrency in CONCURRENCY:
-            row: dict[str, Any] = {"items": items, "concurrency": concurrency}
-            for name, runs in rounds.items():
-                hits = [
-                    c for run in runs for c in run if (c["items"], c["concurrency"]) == (items, concurrency)
-                ]
-                row[name] = {
-                    "pairs_per_s": statistics.median(c["pairs_per_s"] for c in hits),
-                    "p99_ms": statistics.median(c["p99_ms"] for c in hits if c["p99_ms"] is not None),
-                    "pairs_per_s_rounds": [round(c["pairs_per_s"]) for c in hits],
-                }
-            cases.append(row)
+    for key in [(c["items"], c["concurrency"]) for c in first]:
+        row: dict[str, Any] = {"items": key[0], "concurrency": key[1]}
+        for name, runs in rounds.items():
+            hits = [c for run in runs for c in run if (c["items"], c["concurrency"]) == key]
+            row[name] = {
+                "pairs_per_s": statistics.median(c["pairs_per_s"] for c in hits),
+                "p99_ms": statistics.median(c["p99_ms"] for c in hits if c["p99_ms"] is not None),
+                "pairs_per_s_rounds": [round(c["pairs_per_s"]) for c in hits],
+            }
+        cases.append(row)
     return {"rounds": rounds, "cases": cases}
 
 
@@ -124,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--student", type=Path, required=True, help="the student as an HF folder (the peer)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sizes", type=int_list, default=SIZES, help="items per request (default 10,100)")
+    parser.add_argument("--concurrency", type=int_list, default=CONCURRENCY, help="workers (default 1,4,16)")
     parser.add_argument("--requests", type=int, default=200, help="timed requests per case")
     parser.add_argument("--deadline", type=float, default=60.0, help="seconds per case at most")
     parser.add_argument("--port", type=int, default=8180, help="first port; one per contender")

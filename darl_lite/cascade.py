@@ -7,12 +7,12 @@ outputs, so what is measured is what a node does. The order:
 1. each pair's query is assigned a kind of shift (or none); the student's probabilities are its
    logits through the bundle's temperature (they rank a list), and its grade decision adds that
    kind's grade-prior correction to the logits (it moves the grade, never the ranking);
-2. **whole lists**: every query of a kind on which the teacher ranks better goes to the teacher
-   with all its pairs, if the window budget grants the whole list (all or nothing: a list is never
-   a mix of two models);
+2. **whole lists**: every query of a kind on which the teacher is expected to win goes to the
+   teacher with all its pairs, if the window budget grants the whole list (all or nothing: a list is
+   never a mix of two models);
 3. **pairs**: of the rest, the pairs the routing policy wants (the student is likely wrong), most
    urgent first, within the per-call cap and what the window budget grants beyond the reserve kept
-   for whole lists.
+   for whole lists and what lists asked for in the window (:class:`~darl_lite.budget.RouteBudget`).
 """
 
 from __future__ import annotations
@@ -49,14 +49,16 @@ class CallPlan:
     #: each pair's population: the index of its query's kind of shift, -1 for in-distribution
     population: NDArray[np.intp] | None = None
 
-    def fallback_grades(
-        self, probabilities: NDArray[np.floating], shift: ShiftRouting | None
-    ) -> NDArray[np.intp]:
-        """Grade decisions for the teacher's rows of the routed pairs (in order), with their
-        populations' fallback corrections when the bundle has them."""
+    def fallback_answer(
+        self, teacher: NDArray[np.floating], shift: ShiftRouting | None
+    ) -> tuple[NDArray[np.float64], NDArray[np.intp]]:
+        """The routed pairs' served probabilities and grade decisions (in order) from the
+        teacher's rows for them: blended with the student's and corrected per population when the
+        bundle has shift routing, the teacher's own answer and argmax otherwise."""
         if shift is None or self.population is None:
-            return np.asarray(probabilities).argmax(axis=1)
-        return shift.fallback_grades(probabilities, self.population[self.routed])
+            answer = np.asarray(teacher, np.float64)
+            return answer, answer.argmax(axis=1) if len(answer) else np.zeros(0, np.intp)
+        return shift.fallback_answer(self.student[self.routed], teacher, self.population[self.routed])
 
 
 def plan_call(
@@ -121,7 +123,7 @@ def _route_lists(
     for query in dict.fromkeys(q[lists].tolist()):
         rows = lists & (q == query)
         size = int(rows.sum())
-        if budget is None or budget.acquire(size, size, all_or_nothing=True) == size:
+        if budget is None or budget.acquire_list(size):
             routed |= rows
         else:
             for i in np.flatnonzero(rows):

@@ -11,8 +11,12 @@ given here, never on test data:
 2. the student's logit bias on that kind's queries, by macro-F1 on their graded pairs (a small grid,
    the smallest correction within 0.005 of the best); the in-distribution rest gets its own, fitted
    on its own graded pairs (:func:`fit_in_distribution_bias`);
-3. ``route_lists``: the teacher's per-query NDCG@10 gain over the corrected student on those
-   queries, with a bootstrap interval; lists are routed only when its lower bound is above zero;
+3. ``route_lists``, by expected gain (:func:`lists_pay`): a routed pair's answer minus the
+   corrected student's on that kind's queries, for both jobs a grader does — ranking (per-query
+   NDCG@10) and grading (macro-F1 of the corrected grade decisions) — with one bootstrap over
+   queries for both. Lists are routed when the combined gain's interval lies above zero and
+   neither job's mean gain is negative: a teacher that grades far better but ranks worse in
+   expectation keeps the lists on the student, and so does one whose gains are noise;
 4. ``route_pairs``: whether per-pair uncertainty routing at the bundle's threshold raises macro-F1
    there without lowering NDCG@10.
 """
@@ -20,89 +24,34 @@ given here, never on test data:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from itertools import product
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from darl_lite.calibration import log_probabilities, softmax
-from darl_lite.errors import InputError
-from darl_lite.metrics import auroc, macro_f1, ndcg_at_k, per_class_f1
+from darl_lite.calibration import softmax
+from darl_lite.gain_evidence import (
+    GainIntervals,
+    GradedEvidence,
+    bootstrap_gains,
+    bootstrap_mean_interval,
+    graded_evidence,
+    graded_report,
+    per_query_ndcg,
+)
+from darl_lite.metrics import auroc, macro_f1
 from darl_lite.shift import fit_query_shift
-from darl_lite.shift_routing import ShiftKind, ShiftRouting
+from darl_lite.shift_routing import DEFAULT_TEACHER_WEIGHT, ShiftKind, ShiftRouting
 
 logger = logging.getLogger(__name__)
 
 L2_GRID: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
 BIAS_GRID: tuple[float, ...] = tuple(np.round(np.arange(-1.0, 3.01, 0.25), 2).tolist())
-
-
-@dataclass(frozen=True)
-class GradedEvidence:
-    """Graded pairs with the student's raw logits and the teacher's probabilities for them."""
-
-    queries: Sequence[str]
-    grades: NDArray[np.int64]
-    student_logits: NDArray[np.float64]
-    teacher_probs: NDArray[np.float64]
-    temperature: float
-    gains: Sequence[float]
-
-    def __post_init__(self) -> None:
-        n = len(self.queries)
-        shapes = {len(self.grades), len(self.student_logits), len(self.teacher_probs)}
-        if shapes != {n}:
-            raise InputError(f"graded evidence arrays differ in length: {sorted(shapes | {n})}")
-
-    def teacher_view(self) -> GradedEvidence:
-        """The same pairs with the teacher's log-probabilities in the student's place, so its grade
-        decisions are corrected by the same fitting as the student's."""
-        logp = log_probabilities(self.teacher_probs)
-        return GradedEvidence(self.queries, self.grades, logp, self.teacher_probs, 1.0, self.gains)
-
-    def subset(self, mask: NDArray[np.bool_]) -> GradedEvidence:
-        index = np.flatnonzero(mask)
-        return GradedEvidence(
-            [self.queries[i] for i in index.tolist()],
-            self.grades[index],
-            self.student_logits[index],
-            self.teacher_probs[index],
-            self.temperature,
-            self.gains,
-        )
-
-
-def per_query_ndcg(
-    probs: NDArray[np.floating],
-    grades: NDArray[np.integer],
-    queries: Sequence[str],
-    gains: Sequence[float],
-    k: int = 10,
-) -> dict[str, float]:
-    """NDCG@k of each query's list, ranked by expected relevance."""
-    expected = np.asarray(probs, np.float64) @ np.asarray(gains, np.float64)
-    out: dict[str, float] = {}
-    q = np.asarray(queries, dtype=object)
-    for query in dict.fromkeys(queries):
-        rows = q == query
-        out[query] = ndcg_at_k([query] * int(rows.sum()), grades[rows], expected[rows], k=k, gains=gains)
-    return out
-
-
-def bootstrap_mean_interval(
-    values: Sequence[float], *, seed: int = 0, draws: int = 2000, level: float = 0.90
-) -> tuple[float, float]:
-    """A two-sided percentile bootstrap interval of the mean (resampling queries)."""
-    x = np.asarray(values, np.float64)
-    if len(x) == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(draws, len(x)))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
+#: Fold draws averaged when choosing the answer that grades routed pairs (:func:`choose_grade_weight`).
+GRADE_WEIGHT_SEEDS = 5
 
 
 def choose_l2(
@@ -170,6 +119,8 @@ class InDistributionCorrection:
     student: tuple[float, ...] | None
     fallback: tuple[float, ...] | None
     evidence: dict[str, Any]
+    #: the teacher's weight in the answer that grades routed pairs (None: the served answer's)
+    grade_weight: float | None = None
 
 
 def fit_in_distribution_bias(
@@ -185,15 +136,49 @@ def fit_in_distribution_bias(
         return InDistributionCorrection(None, None, {"pairs": 0, "decision": "no in-distribution evidence"})
     ev = evidence.subset(rest)
     student, before, after = fit_logit_bias(ev)
-    fallback, t_before, t_after = fit_logit_bias(ev.teacher_view())
+    grade_weight, grade_scores = choose_grade_weight(ev)
+    fallback, t_before, t_after = fit_logit_bias(ev.teacher_view(grade_weight))
     record = {
         "pairs": int(rest.sum()),
         "macro_f1": [round(before, 4), round(after, 4)],
         "fallback_macro_f1": [round(t_before, 4), round(t_after, 4)],
+        "grade_weight": grade_weight,
+        "grade_weight_macro_f1": grade_scores,
     }
     return InDistributionCorrection(
-        student if any(student) else None, fallback if any(fallback) else None, record
+        student if any(student) else None,
+        fallback if any(fallback) else None,
+        record,
+        None if grade_weight == evidence.teacher_weight else grade_weight,
     )
+
+
+def choose_grade_weight(
+    ev: GradedEvidence, seeds: int = GRADE_WEIGHT_SEEDS
+) -> tuple[float, dict[str, float]]:
+    """The answer that grades a population's routed pairs: the served blend or the teacher alone,
+    whichever has the higher macro-F1 on these pairs with its correction cross-fitted (two folds by
+    query, averaged over ``seeds`` fold draws); ties keep the served blend. Ranking always uses the
+    blend; grading is a separate decision, and a teacher may grade a population better on its own
+    (the shipped ood_dev: 0.380 alone vs 0.348 blended) while the blend grades another better (dev:
+    0.484 vs 0.505)."""
+    candidates = list(dict.fromkeys((ev.teacher_weight, 1.0)))
+    everything = np.ones(len(ev.queries), bool)
+    scores: dict[str, float] = {}
+    for weight in candidates:
+        view = ev.teacher_view(weight)
+        n_classes = view.student_logits.shape[1]
+        f1 = [
+            macro_f1(
+                ev.grades,
+                (view.student_logits + _cross_fitted_bias(view, everything, s)).argmax(1),
+                n_classes,
+            )
+            for s in range(seeds)
+        ]
+        scores[str(weight)] = round(float(np.mean(f1)), 4)
+    best = max(candidates, key=lambda w: (scores[str(w)], w == ev.teacher_weight))
+    return best, scores
 
 
 def fit_shift_kind(
@@ -213,39 +198,32 @@ def fit_shift_kind(
         np.ones(len(evidence.queries), bool) if evidence_is_kind is None else np.asarray(evidence_is_kind)
     )
     queries = np.asarray(evidence.queries, dtype=object)
-    l2, l2_scores = choose_l2(
-        reference_queries, pool_queries, sorted(set(queries[~is_kind])), sorted(set(queries[is_kind]))
-    )
+    l2, l2_scores = choose_l2(reference_queries, pool_queries, *_split_queries(queries, is_kind))
     detector = fit_query_shift(reference_queries, pool_queries, l2=l2)
     assigned = detector.probabilities(evidence.queries) >= threshold
     record: dict[str, Any] = {
         "l2": l2,
         "l2_auroc": l2_scores,
         "graded_queries": len(set(evidence.queries)),
+        # "teacher" below is the answer a routed pair gets: this share of the teacher, the rest student
+        "teacher_weight": evidence.teacher_weight,
         "assigned_queries": len(set(queries[assigned])),
     }
-    if len(set(queries[~is_kind])) and len(set(queries[is_kind])):
+    in_queries, kind_queries = _split_queries(queries, is_kind)
+    if in_queries and kind_queries:
         record["query_auroc"] = round(
-            auroc(
-                detector.probabilities(sorted(set(queries[~is_kind]))),
-                detector.probabilities(sorted(set(queries[is_kind]))),
-            ),
-            4,
+            auroc(detector.probabilities(in_queries), detector.probabilities(kind_queries)), 4
         )
+    pool = tuple(sorted(set(pool_queries)))
     if not assigned.any():
         logger.warning("shift kind %r: no graded query is assigned to it; it routes nothing", name)
         return ShiftKind(
-            name,
-            detector,
-            threshold,
-            False,
-            False,
-            None,
-            {**record, "decision": "no evidence"},
-            tuple(sorted(set(pool_queries))),
+            name, detector, threshold, False, False, None, {**record, "decision": "no evidence"}, pool
         )
     bias, f1_before, f1_after = fit_logit_bias(evidence.subset(assigned))
-    teacher = evidence.teacher_view()
+    grade_weight, grade_scores = choose_grade_weight(evidence.subset(assigned))
+    record.update({"grade_weight": grade_weight, "grade_weight_macro_f1": grade_scores})
+    teacher = evidence.teacher_view(grade_weight)
     fallback_bias, t_before, t_after = fit_logit_bias(teacher.subset(assigned))
     decided = (evidence.student_logits + _cross_fitted_bias(evidence, assigned, seed)).argmax(axis=1)
     teacher_decided = (teacher.student_logits + _cross_fitted_bias(teacher, assigned, seed)).argmax(axis=1)
@@ -257,7 +235,7 @@ def fit_shift_kind(
             "fallback_bias_macro_f1": [round(t_before, 4), round(t_after, 4)],
         }
     )
-    route_lists = record["ndcg_gain_ci90"][0] > 0.0
+    route_lists = lists_pay(record)
     route_pairs = record["pair_routing_macro_f1_gain"] > 0.0 and record["pair_routing_ndcg_gain"] >= 0.0
     record["decision"] = ("route whole lists" if route_lists else "keep lists on the student") + (
         "; per-pair routing on" if route_pairs else "; per-pair routing off"
@@ -270,9 +248,28 @@ def fit_shift_kind(
         route_pairs,
         bias if any(bias) else None,
         record,
-        tuple(sorted(set(pool_queries))),
+        pool,
         fallback_bias if any(fallback_bias) else None,
+        None if grade_weight == evidence.teacher_weight else grade_weight,
     )
+
+
+def _split_queries(queries: NDArray[Any], is_kind: NDArray[np.bool_]) -> tuple[list[str], list[str]]:
+    """The distinct in-distribution queries and the distinct queries of the kind, sorted."""
+    return sorted(set(queries[~is_kind])), sorted(set(queries[is_kind]))
+
+
+def lists_pay(record: Mapping[str, Any]) -> bool:
+    """Whether a kind's lists go to the teacher, from its gain evidence (``_gain_evidence``).
+
+    By expected gain over both jobs a grader does: the combined gain (NDCG@10 gain + macro-F1 gain,
+    one bootstrap over queries for both) must have its 90% interval above zero, and neither job's
+    mean gain may be negative. Judging ranking alone would ignore grading, half of what a routed
+    pair is for; on a few dozen queries each job's interval alone rarely clears zero even where both
+    gains are real, while their sum, resampled together, does. A mean gain alone would route on noise.
+    """
+    combined_lo = record["combined_gain_ci90"][0]
+    return bool(combined_lo > 0.0 and record["ndcg_gain"] >= 0.0 and record["macro_f1_gain"] >= 0.0)
 
 
 def _cross_fitted_bias(ev: GradedEvidence, applies: NDArray[np.bool_], seed: int) -> NDArray[np.float64]:
@@ -305,69 +302,32 @@ def _gain_evidence(
     Each ranks by its probabilities and grades by its prior-corrected decisions (``decided``,
     ``teacher_decided``, cross-fitted); per-pair routing is judged at the bundle's ``error_threshold``.
     """
-    student = softmax(ev.student_logits, ev.temperature)
+    student, answer = softmax(ev.student_logits, ev.temperature), ev.answer()
     s_ndcg = per_query_ndcg(student, ev.grades, ev.queries, ev.gains)
-    t_ndcg = per_query_ndcg(ev.teacher_probs, ev.grades, ev.queries, ev.gains)
-    diffs = [t_ndcg[q] - s_ndcg[q] for q in s_ndcg]
+    t_ndcg = per_query_ndcg(answer, ev.grades, ev.queries, ev.gains)
     queries = list(ev.queries)
     s_rep = graded_report(student, decided, ev.grades, queries, ev.gains)
-    t_rep = graded_report(ev.teacher_probs, teacher_decided, ev.grades, queries, ev.gains)
+    t_rep = graded_report(answer, teacher_decided, ev.grades, queries, ev.gains)
     routed = (1.0 - student.max(axis=1)) > error_threshold
-    mixed = np.where(routed[:, None], ev.teacher_probs, student)
+    mixed = np.where(routed[:, None], answer, student)
     m_rep = graded_report(mixed, np.where(routed, teacher_decided, decided), ev.grades, queries, ev.gains)
-    lo, hi = bootstrap_mean_interval(diffs, seed=seed)
+    gains = {q: t_ndcg[q] - s_ndcg[q] for q in s_ndcg}
+    ci = bootstrap_gains(gains, ev.grades, decided, teacher_decided, queries, answer.shape[1], seed=seed)
+    ndcg_gain, f1_gain = float(np.mean(list(gains.values()))), t_rep["macro_f1"] - s_rep["macro_f1"]
     return {
         "pairs": len(ev.queries),
         "student": {k: round(v, 4) for k, v in s_rep.items()},
         "teacher": {k: round(v, 4) for k, v in t_rep.items()},
-        "ndcg_gain": round(float(np.mean(diffs)), 4),
-        "ndcg_gain_ci90": [round(lo, 4), round(hi, 4)],
-        "macro_f1_gain": round(t_rep["macro_f1"] - s_rep["macro_f1"], 4),
+        "ndcg_gain": round(ndcg_gain, 4),
+        "ndcg_gain_ci90": [round(v, 4) for v in ci.ndcg],
+        "macro_f1_gain": round(f1_gain, 4),
+        "macro_f1_gain_ci90": [round(v, 4) for v in ci.macro_f1],
+        "combined_gain": round(ndcg_gain + f1_gain, 4),
+        "combined_gain_ci90": [round(v, 4) for v in ci.combined],
         "pair_routing_rate": round(float(routed.mean()), 4),
         "pair_routing_macro_f1_gain": round(m_rep["macro_f1"] - s_rep["macro_f1"], 4),
         "pair_routing_ndcg_gain": round(m_rep["ndcg@10"] - s_rep["ndcg@10"], 4),
     }
-
-
-def graded_report(
-    probs: NDArray[np.floating],
-    decided: NDArray[np.integer],
-    grades: NDArray[np.integer],
-    queries: Sequence[str],
-    gains: Sequence[float],
-) -> dict[str, float]:
-    """macro-F1 and F1 of the top grade from the decided grades; NDCG@10 from the probabilities' ranking."""
-    n_classes = np.shape(probs)[1]
-    expected = np.asarray(probs, np.float64) @ np.asarray(gains, np.float64)
-    return {
-        "macro_f1": macro_f1(grades, decided, n_classes),
-        "f1_top_grade": float(per_class_f1(grades, decided, n_classes)[-1]),
-        "ndcg@10": ndcg_at_k(list(queries), grades, expected, k=10, gains=gains),
-    }
-
-
-def graded_evidence(
-    scorer: Any,
-    queries: Sequence[str],
-    items: Sequence[str],
-    grades: Sequence[int],
-    teacher_probs: NDArray[np.floating],
-) -> GradedEvidence:
-    """Run the bundle's student on graded pairs and pair its raw logits with the teacher's grades."""
-    if not (len(queries) == len(items) == len(grades) == len(teacher_probs)):
-        raise InputError(
-            f"graded pairs and teacher grades differ in length: {len(queries)} queries, {len(items)} "
-            f"items, {len(grades)} grades, {len(teacher_probs)} teacher rows"
-        )
-    arrays = scorer.model.run(list(queries), list(items))
-    return GradedEvidence(
-        list(queries),
-        np.asarray(grades, np.int64),
-        np.asarray(arrays.logits, np.float64),
-        np.asarray(teacher_probs, np.float64),
-        scorer.temperature,
-        scorer.bundle.grade_gains,
-    )
 
 
 def write_with_shift_routing(bundle: Any, shift: Any, out_dir: str, *, overwrite: bool = False) -> Any:
@@ -409,12 +369,15 @@ def fit_pool_kind(
     teacher: Any,
     list_reserve_pairs: int = 200,
     threads: int = 0,
+    teacher_weight: float = DEFAULT_TEACHER_WEIGHT,
 ) -> Any:
     """Fit one kind of shift from an unlabeled pool into ``bundle`` (rewritten in place, re-hashed).
 
     Detector: the training queries vs the pool's queries (the pool needs no grades). Evidence: graded
     in-distribution dev pairs and graded dev pairs of the shifted traffic, with ``teacher``'s grades
-    (any object with ``predict_proba(pairs)``) for them.
+    (any object with ``predict_proba(pairs)``) for them, blended with the student's by
+    ``teacher_weight`` as a routed pair's answer is (every decision and correction is fitted on
+    the answer a node serves).
     """
     from darl_lite.inference import SessionConfig
     from darl_lite.scorer import Scorer
@@ -427,7 +390,7 @@ def fit_pool_kind(
         [p.item for p in graded],
         [p.grade for p in graded],
         teacher.predict_proba(graded),
-    )
+    ).answered_with(teacher_weight)
     reference = sorted(set(train_queries))
     is_kind = np.r_[np.zeros(len(dev_pairs), bool), np.ones(len(shifted_dev_pairs), bool)]
     kind = fit_shift_kind(
@@ -439,25 +402,30 @@ def fit_pool_kind(
         error_threshold=scorer.routing.error_threshold,
     )
     logger.info("shift kind %r: %s", kind.name, kind.evidence.get("decision"))
-    shift = ShiftRouting((kind,), tuple(reference), list_reserve_pairs=list_reserve_pairs)
-    correction = fit_in_distribution_bias(evidence, shift, is_kind)
     shift = ShiftRouting(
-        shift.kinds,
-        shift.reference_queries,
-        list_reserve_pairs=list_reserve_pairs,
+        (kind,), tuple(reference), list_reserve_pairs=list_reserve_pairs, teacher_weight=teacher_weight
+    )
+    correction = fit_in_distribution_bias(evidence, shift, is_kind)
+    shift = replace(
+        shift,
         in_distribution_bias=correction.student,
         in_distribution_evidence=correction.evidence,
         in_distribution_fallback_bias=correction.fallback,
+        in_distribution_grade_weight=correction.grade_weight,
     )
     return write_with_shift_routing(bundle, shift, str(bundle.directory), overwrite=True)
 
 
 __all__ = [
     "BIAS_GRID",
+    "GRADE_WEIGHT_SEEDS",
     "L2_GRID",
+    "GainIntervals",
     "GradedEvidence",
     "InDistributionCorrection",
+    "bootstrap_gains",
     "bootstrap_mean_interval",
+    "choose_grade_weight",
     "choose_l2",
     "fit_in_distribution_bias",
     "fit_logit_bias",
@@ -465,6 +433,7 @@ __all__ = [
     "fit_shift_kind",
     "graded_evidence",
     "graded_report",
+    "lists_pay",
     "per_query_ndcg",
     "write_with_shift_routing",
 ]

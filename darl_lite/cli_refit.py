@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"  on your {ev.get('pairs', 0):,} pairs of {ev.get('assigned_queries', 0)} queries, teacher minus "
         f"student: NDCG@10 {ev.get('ndcg_gain', float('nan')):+.3f} (90% interval "
-        f"{ev.get('ndcg_gain_ci90')}), macro-F1 {ev.get('macro_f1_gain', float('nan')):+.3f}; "
+        f"{ev.get('ndcg_gain_ci90')}), macro-F1 {ev.get('macro_f1_gain', float('nan')):+.3f} (90% interval "
+        f"{ev.get('macro_f1_gain_ci90')}); "
         f"student prior correction {report.kind['logit_bias']}"
     )
     print("per-pair routing on your pairs (router vs random at equal rates):")

@@ -46,6 +46,12 @@ def register(sub: Any) -> None:
     )
     curve.add_argument("--budgets", type=_parse_fractions, default=[0.05, 0.1, 0.2], help="budgets B")
     curve.add_argument("--draws", type=int, default=5, help="streams drawn per share (default 5)")
+    curve.add_argument(
+        "--cold-start",
+        action="store_true",
+        help="with --mixed: measure a node that just started (empty budget window) instead of the "
+        "steady state (each stream preceded by another draw of the same traffic)",
+    )
     curve.add_argument("--fold", type=int, default=0, choices=range(5))
     curve.add_argument("--precision", default="int8", choices=["int8", "fp32"])
     curve.add_argument("--threads", type=int, default=0)
@@ -95,6 +101,7 @@ def _mixed(args: argparse.Namespace, splits: Any, teacher: Any, scorer: Any) -> 
         budgets=args.budgets,
         draws=args.draws,
         seed=args.seed,
+        warm_up=not args.cold_start,
     )
     if args.json:
         print(json.dumps({"splits": names, **report}, indent=2))

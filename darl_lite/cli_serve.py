@@ -29,6 +29,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         batching=not args.no_batching,
         max_batch_pairs=args.max_batch_pairs,
         model_workers=args.model_workers,
+        gather_wait_ms=args.gather_wait_ms,
     )
     with scorer_from_args(args) as scorer:
         serve(scorer, config, token=token)
@@ -72,6 +73,13 @@ def register(subparsers: Any) -> None:
         type=int,
         default=2,
         help="model passes at once, each its own session with a share of --threads (default 2)",
+    )
+    srv.add_argument(
+        "--gather-wait-ms",
+        type=float,
+        default=2.0,
+        help="while another model pass runs, a free worker waits this long at most for more requests "
+        "to share its pass (default 2; 0: start on whatever is queued)",
     )
     add_fallback_arguments(srv)
     srv.set_defaults(handler=_cmd_serve)

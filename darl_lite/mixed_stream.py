@@ -7,6 +7,12 @@ budget ``B`` (a :class:`~darl_lite.budget.RouteBudget` over the whole stream, on
 with the same :func:`darl_lite.cascade.plan_call` a node runs. Reported per part (in-distribution
 pairs, shifted pairs) and overall: macro-F1, NDCG@10, the route rate and the share of shifted
 queries sent as whole lists; over several draws, mean and standard deviation.
+
+A node that has been serving for a while has a full budget window; one that just started has an
+empty one, and then no list larger than the share B of the pairs seen so far can be routed. By
+default (``warm_up=True``) the node first serves another draw of the same traffic through the same
+budget (answers discarded), so what is measured is the steady state; ``warm_up=False`` measures the
+cold start. Random routing needs no window: it sends exactly B of the stream's pairs either way.
 """
 
 from __future__ import annotations
@@ -30,11 +36,16 @@ from darl_lite.shift_routing import ShiftRouting
 from darl_lite.types import Pair
 
 #: ``student``: the student as a node serves it alone (its bundle's grade corrections applied);
-#: ``teacher``: the teacher's own argmax grades; ``teacher_corrected``: with the bundle's fallback
-#: corrections; ``random``: the served student with a random B of pairs sent to the (corrected)
-#: teacher; ``uncertainty``: last round's per-pair router, blind to shift and uncorrected;
-#: ``cascade``: the bundle's distribution-aware routing (:func:`darl_lite.cascade.plan_call`).
-CONTENDERS: tuple[str, ...] = ("student", "teacher", "teacher_corrected", "random", "uncertainty", "cascade")
+#: ``teacher``: the teacher alone, its own argmax grades; ``all_routed``: every pair routed and
+#: answered as a node answers a routed pair (blended with the student, corrected); ``random``: the
+#: served student with a random B of pairs routed and answered that way; ``uncertainty``: last
+#: round's per-pair router, blind to shift, the teacher's uncorrected answers; ``cascade``: the
+#: bundle's distribution-aware routing (:func:`darl_lite.cascade.plan_call`).
+CONTENDERS: tuple[str, ...] = ("student", "teacher", "all_routed", "random", "uncertainty", "cascade")
+
+
+#: Seeds of the warm-up draws are offset by this from the measured streams' (never the same draw).
+WARM_UP_SEED = 100
 
 
 @dataclass(frozen=True)
@@ -98,8 +109,10 @@ def run_stream(
     policy: RoutingPolicy,
     shift: ShiftRouting | None,
     seed: int = 0,
+    warm_up: Sequence[NDArray[np.intp]] = (),
 ) -> StreamResult:
-    """Score the stream request by request as ``contender`` would (see :data:`CONTENDERS`)."""
+    """Score the stream request by request as ``contender`` would (see :data:`CONTENDERS`), after
+    the ``warm_up`` requests (served through the same budget, their answers discarded)."""
     if contender not in CONTENDERS:
         raise InputError(f"unknown contender {contender!r}; choose from {CONTENDERS}")
     rows = np.concatenate(list(requests)) if requests else np.zeros(0, np.intp)
@@ -110,25 +123,26 @@ def run_stream(
     if shift is not None:
         assignment = shift.assign(queries)
         served = shift.student_grades(data.logits[rows], assignment.kind)
-        teacher_grades = shift.fallback_grades(teacher, assignment.kind)
+        answer, answer_grades = shift.fallback_answer(student, teacher, assignment.kind)
     else:
-        served, teacher_grades = student.argmax(1), teacher.argmax(1)
+        served, answer, answer_grades = student.argmax(1), teacher, teacher.argmax(1)
     if contender == "student":
         return StreamResult(student, served, none, none)
     if contender == "teacher":
         return StreamResult(teacher.copy(), teacher.argmax(1), ~none, none)
-    if contender == "teacher_corrected":
-        return StreamResult(teacher.copy(), teacher_grades, ~none, none)
+    if contender == "all_routed":
+        return StreamResult(answer.copy(), answer_grades, ~none, none)
     if contender == "random":
         routed = none.copy()
         k = int(np.floor(budget_fraction * len(rows)))
         routed[np.random.default_rng(seed).choice(len(rows), size=min(k, len(rows)), replace=False)] = True
-        mixed = np.where(routed[:, None], teacher, student)
-        return StreamResult(mixed, np.where(routed, teacher_grades, served), routed, none)
+        mixed = np.where(routed[:, None], answer, student)
+        return StreamResult(mixed, np.where(routed, answer_grades, served), routed, none)
     clock = [0.0]
-    budget = RouteBudget(budget_fraction, window_s=len(requests) + 1.0, clock=lambda: clock[0])
+    served_requests = [*warm_up, *requests]
+    budget = RouteBudget(budget_fraction, window_s=len(served_requests) + 1.0, clock=lambda: clock[0])
     parts: list[tuple[NDArray[np.float64], NDArray[np.intp], NDArray[np.bool_], NDArray[np.bool_]]] = []
-    for step, request in enumerate(requests):
+    for step, request in enumerate(served_requests):
         clock[0] = float(step)
         plan = plan_call(
             data.logits[request],
@@ -139,19 +153,12 @@ def run_stream(
             shift=shift if contender == "cascade" else None,
             budget=budget,
         )
-        answer = data.teacher[request]
-        decided = plan.grades.copy()
-        decided[plan.routed] = plan.fallback_grades(
-            answer[plan.routed], shift if contender == "cascade" else None
+        decided, probs = plan.grades.copy(), plan.student.copy()
+        probs[plan.routed], decided[plan.routed] = plan.fallback_answer(
+            data.teacher[request][plan.routed], shift if contender == "cascade" else None
         )
-        parts.append(
-            (
-                np.where(plan.routed[:, None], answer, plan.student),
-                decided,
-                plan.routed,
-                plan.list_routed,
-            )
-        )
+        if step >= len(warm_up):
+            parts.append((probs, decided, plan.routed, plan.list_routed))
     return StreamResult(*(np.concatenate([p[i] for p in parts]) for i in range(4)))
 
 
@@ -186,11 +193,14 @@ def evaluate_mixed(
     seed: int = 0,
     policy: RoutingPolicy,
     shift: ShiftRouting | None,
+    warm_up: bool = True,
 ) -> list[dict[str, Any]]:
-    """Every contender on every (share, budget), ``draws`` streams each: mean and sd per metric."""
+    """Every contender on every (share, budget), ``draws`` streams each: mean and sd per metric.
+    ``warm_up``: each stream is preceded by another draw of the same traffic (see the module)."""
     rows_out = []
     for share in shares:
         streams = [build_stream(data, share, seed + d) for d in range(draws)]
+        warm = [build_stream(data, share, seed + WARM_UP_SEED + d) if warm_up else [] for d in range(draws)]
         for budget in budgets:
             per: dict[str, list[dict[str, Any]]] = {c: [] for c in CONTENDERS}
             per_query: dict[str, list[tuple[str, float]]] = {c: [] for c in CONTENDERS}
@@ -205,6 +215,7 @@ def evaluate_mixed(
                         policy=policy,
                         shift=shift,
                         seed=seed + 1000 + d,
+                        warm_up=warm[d],
                     )
                     result: dict[str, Any] = _parts(data, rows, answer)
                     ndcg = per_query_ndcg(
@@ -220,7 +231,9 @@ def evaluate_mixed(
                 diffs = [a[1] - b[1] for a, b in zip(per_query[c], per_query["student"], strict=True)]
                 lo, hi = bootstrap_mean_interval(diffs, seed=seed)
                 summary[c]["ndcg_vs_student"] = {"mean": float(np.mean(diffs)), "ci90": [lo, hi]}
-            rows_out.append({"share": share, "budget": budget, "draws": draws, "contenders": summary})
+            rows_out.append(
+                {"share": share, "budget": budget, "draws": draws, "warm_up": warm_up, "contenders": summary}
+            )
     return rows_out
 
 
@@ -261,9 +274,13 @@ def mixed_report(
     budgets: Sequence[float] = (0.05, 0.10, 0.20),
     draws: int = 5,
     seed: int = 0,
+    warm_up: bool = True,
+    cold_start_too: bool = False,
 ) -> dict[str, Any]:
     """Score both splits with ``scorer`` (a :class:`darl_lite.Scorer`), then report shift detection
-    (query- and pair-level AUROC of the domain and density detectors) and :func:`evaluate_mixed`."""
+    (query- and pair-level AUROC of the domain and density detectors) and :func:`evaluate_mixed`
+    (``streams``: steady state, or cold start with ``warm_up=False``; ``cold_start_too`` adds the
+    cold start as ``streams_cold_start``)."""
     pairs = [*id_pairs, *shifted_pairs]
     if any(p.grade is None for p in pairs):
         raise InputError("mixed_report needs graded pairs (human grades) on both splits")
@@ -295,16 +312,23 @@ def mixed_report(
         scorer.temperature,
         scorer.bundle.grade_gains,
     )
-    streams = evaluate_mixed(
-        data,
-        shares=shares,
-        budgets=budgets,
-        draws=draws,
-        seed=seed,
-        policy=scorer.routing,
-        shift=scorer.shift,
-    )
-    return {"detection": detection, "streams": streams}
+
+    def evaluate(warm: bool) -> list[dict[str, Any]]:
+        return evaluate_mixed(
+            data,
+            shares=shares,
+            budgets=budgets,
+            draws=draws,
+            seed=seed,
+            policy=scorer.routing,
+            shift=scorer.shift,
+            warm_up=warm,
+        )
+
+    report: dict[str, Any] = {"detection": detection, "streams": evaluate(warm_up)}
+    if cold_start_too and warm_up:
+        report["streams_cold_start"] = evaluate(False)
+    return report
 
 
 def detection_line(detection: dict[str, float]) -> str:
@@ -318,9 +342,15 @@ def detection_line(detection: dict[str, float]) -> str:
 
 def mixed_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The :func:`evaluate_mixed` rows as a Markdown table (mean ± sd over draws)."""
+    state = (
+        "steady state (each stream served after a warm-up draw of the same traffic)"
+        if all(row.get("warm_up", False) for row in rows)
+        else "cold start (empty budget window)"
+    )
     lines = [
         "Mixed traffic: shifted queries carry a share s of the pairs; budget B of the stream's pairs; "
-        "mean ± sd over draws; ΔNDCG = paired per-query NDCG@10 difference to the student, 90% interval.",
+        f"{state}; mean ± sd over draws; ΔNDCG = paired per-query NDCG@10 difference to the student, "
+        "90% interval.",
         "",
         "| s | B | contender | route rate | shifted lists | F1 all | NDCG all | F1 in-dist | NDCG in-dist "
         "| F1 shifted | NDCG shifted | ΔNDCG vs student |",
@@ -345,6 +375,7 @@ def mixed_table(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 __all__ = [
     "CONTENDERS",
+    "WARM_UP_SEED",
     "StreamData",
     "StreamResult",
     "build_stream",

@@ -75,7 +75,10 @@ def refit_routing(
         )
     queries = [p.query for p in pairs]
     grades = [int(p.grade) for p in pairs if p.grade is not None]
-    evidence = graded_evidence(scorer, queries, [p.item for p in pairs], grades, teacher)
+    # every decision is fitted on the answer the bundle serves for a routed pair
+    evidence = graded_evidence(scorer, queries, [p.item for p in pairs], grades, teacher).answered_with(
+        shift.teacher_weight
+    )
     kind = fit_shift_kind(
         kind_name,
         reference_queries=shift.reference_queries,
@@ -89,7 +92,7 @@ def refit_routing(
     student = softmax(evidence.student_logits, scorer.temperature)
     curve = route_curve(
         student,
-        teacher,
+        evidence.answer(),  # the answers routed pairs get
         scorer.routing.urgency(student, np.zeros(len(pairs))),
         evidence.grades,
         queries,

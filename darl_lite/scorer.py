@@ -50,7 +50,9 @@ class PairScore:
     grade: int  # the most probable grade (for a shifted query: after its kind's prior correction)
     ood_score: float  # higher = further from the training distribution
     routed: bool  # the pair was sent to the LLM (or would be, with no fallback)
-    source: Literal["student", "llm"]  # who produced ``probabilities``
+    #: who produced ``probabilities``: "llm" when the LLM answered (blended with the student by the
+    #: bundle's shift routing ``teacher_weight``, 1.0 = the LLM alone)
+    source: Literal["student", "llm"]
     truncated: bool  # the pair was cut to the bundle's max_length
     note: str = ""  # why the student's answer stands where routing wanted the LLM
     #: share of in-distribution dev pairs whose OOD score is lower, in [0, 1] (darl_lite.ood_scale);
@@ -283,8 +285,7 @@ class Scorer:
                     for i in routed_index:
                         notes[i] = f"fallback failed ({error}): student answer kept"
                 else:
-                    final[routed_index] = answer
-                    grades[routed_index] = plan.fallback_grades(answer, self.shift)
+                    final[routed_index], grades[routed_index] = plan.fallback_answer(answer, self.shift)
                     from_llm[routed_index] = True
         return ScoredArrays(
             probabilities=final,

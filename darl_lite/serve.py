@@ -40,6 +40,7 @@ from darl_lite.http_body import HTTPProblem
 from darl_lite.http_body import read_body as read_capped_body
 from darl_lite.scorer import PairScore, Scorer, flatten_query, flatten_requests
 from darl_lite.serve_batching import (
+    DEFAULT_GATHER_WAIT_MS,
     DEFAULT_MAX_BATCH_PAIRS,
     DEFAULT_MODEL_WORKERS,
     RequestBatcher,
@@ -60,23 +61,27 @@ class ServeConfig:
     batching: bool = True  # coalesce concurrent requests into shared model passes (serve_batching)
     max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS  # pairs of one coalesced pass at most
     model_workers: int = DEFAULT_MODEL_WORKERS  # coalesced passes at once, each its own session
+    gather_wait_ms: float = DEFAULT_GATHER_WAIT_MS  # a free worker's wait for company (serve_batching)
 
     def __post_init__(self) -> None:
         if self.max_items < 1 or self.max_body_bytes < 1:
             raise InputError("max_items and max_body_bytes must be >= 1")
         if not 0 <= self.port <= 65535:
             raise InputError(f"port must lie in [0, 65535], got {self.port}")
-        check_batching(self.batching, self.max_batch_pairs, self.model_workers)
+        check_batching(self.batching, self.max_batch_pairs, self.model_workers, self.gather_wait_ms)
 
 
 def check_batching(
-    batching: object, max_batch_pairs: object, model_workers: object = DEFAULT_MODEL_WORKERS
+    batching: object,
+    max_batch_pairs: object,
+    model_workers: object = DEFAULT_MODEL_WORKERS,
+    gather_wait_ms: object = DEFAULT_GATHER_WAIT_MS,
 ) -> None:
-    """:class:`InputError` naming the option when ``batching``, ``max_batch_pairs`` or
-    ``model_workers`` is unusable."""
+    """:class:`InputError` naming the option when ``batching``, ``max_batch_pairs``,
+    ``model_workers`` or ``gather_wait_ms`` is unusable."""
     if not isinstance(batching, bool):
         raise InputError(f"batching must be true or false, got {batching!r}")
-    check_batching_options(max_batch_pairs, model_workers=model_workers)
+    check_batching_options(max_batch_pairs, model_workers=model_workers, gather_wait_ms=gather_wait_ms)
 
 
 def _import_fastapi() -> Any:
@@ -148,6 +153,7 @@ def create_app(
     max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS,
     batch_wait_ms: float = 0.0,
     model_workers: int = DEFAULT_MODEL_WORKERS,
+    gather_wait_ms: float = DEFAULT_GATHER_WAIT_MS,
 ) -> Any:
     """The FastAPI app serving ``scorer``.
 
@@ -160,7 +166,8 @@ def create_app(
     :class:`~darl_lite.serve_batching.RequestBatcher`: concurrent requests share model passes of at
     most ``max_batch_pairs`` pairs, one onnxruntime run at a time (``batch_wait_ms`` > 0 also lingers
     that long after a first request for company; default 0: whatever queued during the previous
-    pass); False scores each request on its own in the scorer's executor.
+    pass; while another pass runs, a free worker waits up to ``gather_wait_ms`` for company);
+    False scores each request on its own in the scorer's executor.
     """
     fastapi = _import_fastapi()
     from darl_lite import serve_schema as schema
@@ -170,7 +177,7 @@ def create_app(
         raise InputError("max_items and max_body_bytes must be >= 1")
     if token is not None and not token.strip():
         raise InputError("token must be a non-empty string, or None for no authentication")
-    check_batching(batching, max_batch_pairs, model_workers)
+    check_batching(batching, max_batch_pairs, model_workers, gather_wait_ms)
 
     def timed_fallback() -> TimedFallback | None:
         return scorer.fallback if isinstance(scorer.fallback, TimedFallback) else None
@@ -185,6 +192,7 @@ def create_app(
             max_wait_ms=batch_wait_ms,
             observe=metrics.observe_pass,
             model_workers=model_workers,
+            gather_wait_ms=gather_wait_ms,
         )
         if batching
         else None
@@ -467,6 +475,7 @@ def serve(scorer: Scorer, config: ServeConfig | None = None, *, token: str | Non
         batching=cfg.batching,
         max_batch_pairs=cfg.max_batch_pairs,
         model_workers=cfg.model_workers,
+        gather_wait_ms=cfg.gather_wait_ms,
     )
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         logger.warning("serving on %s without a bearer token: anyone who can reach it can score", cfg.host)

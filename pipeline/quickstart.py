@@ -232,8 +232,11 @@ def _score_split(
     if cascade.shift is not None:  # each grader's decisions with the bundle's corrections
         kinds = cascade.shift.assign(queries).kind
         served = cascade.shift.student_grades(scored.logits, kinds)  # the student's on a node
-        corrected = cascade.shift.fallback_grades(teacher_probs, kinds)
-        metrics["teacher_corrected"][split] = _evaluate(teacher_probs, pairs, corrected)
+        # every pair answered as a routed pair is: the teacher blended with the student, corrected
+        answer, answer_grades = cascade.shift.fallback_answer(
+            scored.student_probabilities, teacher_probs, kinds
+        )
+        metrics["all_routed"][split] = _evaluate(answer, pairs, answer_grades)
     metrics["student_fp32"][split] = _evaluate(scored_fp32.student_probabilities, pairs)
     metrics["student_int8_uncorrected"][split] = _evaluate(softmax(scored.logits, cascade.temperature), pairs)
     metrics["student_int8"][split] = _evaluate(scored.student_probabilities, pairs, served)
@@ -262,7 +265,7 @@ def _score_test_sets(
     majority = int(np.bincount([p.grade for p in train if p.grade is not None]).argmax())
     models = (
         "teacher",
-        "teacher_corrected",
+        "all_routed",
         "student_fp32",
         "student_int8_uncorrected",
         "student_int8",
@@ -295,6 +298,7 @@ def _score_test_sets(
         teacher.predict_proba(ids),
         teacher.predict_proba(shifted),
         shares=(0.0, 0.10, 0.30, 1.0),
+        cold_start_too=True,
     )
     fp32_logits, int8_logits = (np.concatenate(logits[k]) for k in ("fp32", "int8"))
     gains = np.asarray(bundle.grade_gains)
@@ -310,10 +314,14 @@ def _score_test_sets(
             "route_rate": route_rate,
             "policy": asdict(cascade.routing),
             "shift": bundle.manifest["routing"].get("shift"),
+            "teacher_weight": bundle.manifest["routing"].get("teacher_weight"),
+            "in_distribution_grade_weight": bundle.manifest["routing"].get("in_distribution_grade_weight"),
             "in_distribution_bias": bundle.manifest["routing"].get("in_distribution_bias"),
+            "in_distribution_fallback_bias": bundle.manifest["routing"].get("in_distribution_fallback_bias"),
             "in_distribution_evidence": bundle.manifest["routing"].get("in_distribution_evidence"),
             "curve": curves,
             "mixed": mixed["streams"],
+            "mixed_cold_start": mixed["streams_cold_start"],
         },
         "parity": {
             "argmax_agreement": float(np.mean(fp32_logits.argmax(1) == int8_logits.argmax(1))),

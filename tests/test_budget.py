@@ -131,3 +131,14 @@ def test_scorer_applies_the_window_budget(tiny_bundle_dir: Path) -> None:
     third = scorer.score("a query", items[:5])  # window empty again: floor(0.2 * 5) = 1
     assert sum(r.source == "llm" for r in third) == 1
     assert sent == [2, 1]
+
+
+def test_whole_lists_come_before_pairs_once_they_have_asked() -> None:
+    budget = RouteBudget(0.1, window_s=100.0, clock=lambda: 0.0)
+    assert budget.acquire(100, 10) == 10  # no list has asked: pairs get the whole allowance
+    assert budget.acquire_list(20) is False  # allowance floor(0.1 * 120) - 10 = 2 < 20: refused
+    # the refused list still counts as asked: pairs yield to it, the allowance builds up for lists
+    # pairs: min(allowance 32 - 10 routed, 32 - 20 asked by lists - 10 routed as pairs) = 2 of 30
+    assert budget.acquire(200, 30) == 2
+    assert budget.acquire_list(15) is True  # floor(0.1 * 335) - 12 = 21 >= 15
+    assert budget.usage() == (335, 27)

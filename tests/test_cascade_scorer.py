@@ -220,3 +220,58 @@ def test_routed_lists_take_the_teacher_s_corrected_grades(
     assert [r.grade for r in results] == expected.tolist()
     assert [r.grade for r in results] != probs.argmax(1).tolist()  # the correction moved grades
     np.testing.assert_allclose([r.probabilities for r in results], probs, atol=1e-6)  # not the ranking
+
+
+def test_routed_pairs_are_answered_by_the_bundle_s_blend_of_teacher_and_student(
+    tiny_bundle_dir: Path, splits: Splits, teacher: FileTeacher, tmp_path: Path
+) -> None:
+    """With ``teacher_weight`` w, a routed pair's probabilities are w·teacher + (1 − w)·student,
+    and the weight survives the bundle's shift routing file."""
+    from darl_lite.types import Pair
+
+    reference = sorted({p.query for p in splits.train})
+    detector = fit_query_shift(reference, sorted({p.query for p in splits.ood_train}))
+    kind = ShiftKind("questions", detector, 0.5, route_lists=True, route_pairs=False)
+    shift = ShiftRouting((kind,), tuple(reference), list_reserve_pairs=0, teacher_weight=0.5)
+    directory = write_with_shift_routing(load_bundle(tiny_bundle_dir), shift, str(tmp_path / "b")).directory
+    scorer = Scorer.load(directory, fallback=teacher_fallback(teacher))
+    assert scorer.shift is not None and scorer.shift.teacher_weight == 0.5
+    assert load_bundle(directory).manifest["routing"]["teacher_weight"] == 0.5
+    query, items = _query_pairs(splits, "ood_test")
+    arrays = scorer.score_arrays([query] * len(items), items)
+    probs = np.asarray(teacher.predict_proba([Pair(query, i) for i in items]))
+    assert arrays.from_llm.all()
+    expected = 0.5 * probs + 0.5 * arrays.student_probabilities
+    np.testing.assert_allclose(arrays.probabilities, expected, atol=1e-6)
+    np.testing.assert_allclose(arrays.probabilities.sum(axis=1), 1.0, atol=1e-6)
+    assert arrays.grades.tolist() == expected.argmax(1).tolist()  # no fallback correction here
+
+
+def test_a_warm_budget_window_routes_lists_a_cold_one_cannot(
+    fresh_shift_bundle: Path, splits: Splits, teacher: FileTeacher
+) -> None:
+    """A node that just started has no allowance for a whole list; after serving the same traffic
+    for a while (the warm-up draw) it has, and answers are measured on the stream only."""
+    scorer = Scorer.load(fresh_shift_bundle)
+    id_pairs = list(splits.dev)[:900]
+    shifted = _per_query(splits.ood_dev, 30)
+    report = mixed_report(
+        scorer,
+        id_pairs,
+        shifted,
+        teacher.predict_proba(id_pairs),
+        teacher.predict_proba(shifted),
+        shares=(0.1,),
+        budgets=(0.1,),
+        draws=3,
+        cold_start_too=True,
+    )
+    warm, cold = report["streams"][0], report["streams_cold_start"][0]
+    assert warm["warm_up"] is True and cold["warm_up"] is False
+    listed = {
+        name: row["contenders"]["cascade"]["shifted_queries_listed"]["mean"]
+        for name, row in (("warm", warm), ("cold", cold))
+    }
+    assert listed["warm"] > listed["cold"]
+    # the student's answers do not depend on the budget window
+    assert warm["contenders"]["student"]["overall"] == cold["contenders"]["student"]["overall"]

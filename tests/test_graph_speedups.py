@@ -176,6 +176,7 @@ def test_export_without_fusion_quantizes_the_plain_graph(
         config=ExportConfig(
             max_length=32,
             fuse_attention=False,
+            quant_mode="dynamic",  # the dynamic kernels' names are asserted below
             thresholds=ParityThresholds(min_argmax_agreement=0.5, min_spearman=0.5, min_ndcg_retention=0.5),
         ),
     )

@@ -138,3 +138,59 @@ def test_peer_server_speaks_the_same_shape(tiny_student_dir: Path, tmp_path: Pat
         assert (case["completed"], case["errors"], case["stopped_by"]) == (4, 0, "count")
     finally:
         server.close()
+
+
+def test_the_client_reads_chunked_answers_and_reopens_closed_connections() -> None:
+    """bench.load_server's HTTP/1.1 client against a loopback server that answers in chunks and
+    closes every connection after one answer (as a server at its keep-alive limit does)."""
+    import asyncio
+
+    sys.path.insert(0, str(ROOT))
+    from bench.load_server import HTTPConnection
+
+    opened = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal opened
+        opened += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(x.split(b":")[1]) for x in head.split(b"\r\n") if x.lower().startswith(b"content-length")
+        )
+        body = await reader.readexactly(length)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            + b"%x\r\n%s\r\n" % (len(body), body)
+            + b"0\r\n\r\n"
+        )
+        await writer.drain()
+        writer.close()
+
+    async def go() -> list[tuple[int, bytes]]:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        connection = HTTPConnection("127.0.0.1", port)
+        try:
+            return [
+                await connection.send(connection.message("POST", "/score", b'{"n": %d}' % k))
+                for k in range(3)
+            ]
+        finally:
+            connection.close()
+            server.close()
+            await server.wait_closed()
+
+    assert asyncio.run(go()) == [(200, b'{"n": %d}' % k) for k in range(3)]
+    assert opened == 3
+
+
+def test_every_request_size_scores_slices_of_the_same_items() -> None:
+    from bench.load_server import request_slices
+
+    items = [f"item {i}" for i in range(100)]
+    tens = request_slices(items, 10)
+    assert len(tens) == 10 and [item for ten in tens for item in ten] == items
+    assert request_slices(items, 100) == [items]
+    assert request_slices(items, 30) == [items[0:30], items[30:60], items[60:90]]
+    with pytest.raises(ValueError):
+        request_slices(items, 0)

@@ -439,6 +439,112 @@ def test_no_batching_still_serves(scorer: Scorer, real_requests: list[tuple[str,
         _assert_same(response.json()["results"], scorer.score_many([(query, items)])[0], FP32_TOLERANCE)
 
 
+def _gate_first_pass(batcher: RequestBatcher) -> tuple[threading.Event, threading.Event]:
+    """Hold the first model pass (whichever worker runs it) until ``release`` is set: a slow pass,
+    so what the other worker does meanwhile can be watched. Returns ``(entered, release)``."""
+    entered, release = threading.Event(), threading.Event()
+    lock = threading.Lock()
+    first = [True]
+    for model in batcher._models:
+        run = model.run
+
+        def gated(queries: Any, items: Any, run: Any = run) -> Any:
+            with lock:
+                hold, first[0] = first[0], False
+            if hold:
+                entered.set()
+                release.wait(30)
+            return run(queries, items)
+
+        model.run = gated  # type: ignore[method-assign]
+    return entered, release
+
+
+async def _until(flag: threading.Event) -> None:
+    deadline = time.monotonic() + 30
+    while not flag.is_set():
+        assert time.monotonic() < deadline, "the first pass never started"
+        await asyncio.sleep(0.001)
+
+
+def test_a_free_worker_gathers_company_while_another_pass_runs(
+    scorer: Scorer, real_requests: list[tuple[str, list[str]]]
+) -> None:
+    """While one pass runs, a request that arrives alone waits for company (up to ``gather_wait_ms``)
+    and shares the next pass with the one after it; a lone request never waits."""
+    a, b, c = (real_requests[k] for k in (1, 2, 3))  # 2, 3 and 4 items: no split of a lone pass
+    want_b, want_c = scorer.score_many([b])[0], scorer.score_many([c])[0]
+
+    async def go() -> tuple[float, RequestBatcher]:
+        batcher = RequestBatcher(scorer, gather_pairs=len(b[1]) + len(c[1]), gather_wait_ms=10_000)
+        try:
+            started = time.perf_counter()
+            await batcher.submit([a])  # nothing else runs: no wait, whatever gather_wait_ms says
+            lone_s = time.perf_counter() - started
+            entered, release = _gate_first_pass(batcher)
+            first = asyncio.ensure_future(batcher.submit([a]))
+            await _until(entered)
+            second = asyncio.ensure_future(batcher.submit([b]))
+            await asyncio.sleep(0.2)
+            assert not second.done() and batcher.passes == 1  # waiting for company, not started
+            third = asyncio.ensure_future(batcher.submit([c]))
+            (got_b,), (got_c,) = await asyncio.gather(second, third)  # enough pairs queued: it goes
+            assert batcher.passes == 2 and batcher.requests == 3  # b and c in one pass, a still held
+            _assert_same([asdict(g) for g in got_b], want_b, FP32_TOLERANCE)
+            _assert_same([asdict(g) for g in got_c], want_c, FP32_TOLERANCE)
+            release.set()
+            await first
+            return lone_s, batcher
+        finally:
+            await batcher.close()
+
+    lone_s, batcher = asyncio.run(go())
+    assert lone_s < 5 and batcher.passes == 3
+
+
+def test_gathering_ends_when_the_other_pass_ends_or_at_its_deadline(
+    scorer: Scorer, real_requests: list[tuple[str, list[str]]]
+) -> None:
+    a, b = real_requests[1], real_requests[2]
+
+    async def waited(gather_wait_ms: float, release_after_s: float | None) -> float:
+        batcher = RequestBatcher(scorer, gather_pairs=1000, gather_wait_ms=gather_wait_ms)
+        try:
+            await batcher.submit([a])
+            entered, release = _gate_first_pass(batcher)
+            first = asyncio.ensure_future(batcher.submit([a]))
+            await _until(entered)
+            started = time.perf_counter()
+            second = asyncio.ensure_future(batcher.submit([b]))
+            if release_after_s is not None:
+                await asyncio.sleep(release_after_s)
+                release.set()
+            await second
+            release.set()
+            await first
+            return time.perf_counter() - started
+        finally:
+            await batcher.close()
+
+    assert 0.05 <= asyncio.run(waited(50, None)) < 5  # its deadline: 50 ms
+    assert 0.1 <= asyncio.run(waited(60_000, 0.1)) < 5  # the held pass ended after 0.1 s: it goes
+
+
+def test_bad_gather_options_are_refused(scorer: Scorer, tiny_bundle_dir: Path) -> None:
+    from darl_lite.cli import build_parser
+
+    for bad in (-1, float("inf"), "2"):
+        with pytest.raises(InputError, match="gather_wait_ms"):
+            RequestBatcher(scorer, gather_wait_ms=bad)  # type: ignore[arg-type]
+        with pytest.raises(InputError, match="gather_wait_ms"):
+            ServeConfig(gather_wait_ms=bad)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="gather_pairs must be an integer"):
+        RequestBatcher(scorer, gather_pairs=0)
+    assert ServeConfig().gather_wait_ms == 2.0
+    args = build_parser().parse_args(["serve", str(tiny_bundle_dir), "--gather-wait-ms", "0"])
+    assert args.gather_wait_ms == 0.0
+
+
 @pytest.mark.parametrize("value", [0, -3, 2.5, True, "64"])
 def test_bad_batching_options_are_refused(scorer: Scorer, value: Any) -> None:
     with pytest.raises(InputError, match="max_batch_pairs"):

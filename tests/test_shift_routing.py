@@ -12,13 +12,16 @@ from darl_lite.budget import RouteBudget
 from darl_lite.cascade import NOTE_LIST_BUDGET, plan_call
 from darl_lite.cascade_fit import (
     GradedEvidence,
+    bootstrap_gains,
     bootstrap_mean_interval,
+    choose_grade_weight,
     fit_in_distribution_bias,
     fit_logit_bias,
     fit_shift_kind,
+    lists_pay,
 )
 from darl_lite.errors import BundleError, InputError
-from darl_lite.metrics import auroc
+from darl_lite.metrics import auroc, macro_f1
 from darl_lite.routing import RoutingPolicy
 from darl_lite.shift import QueryShiftDetector, fit_query_shift, query_tokens
 from darl_lite.shift_routing import ShiftKind, ShiftRouting
@@ -180,6 +183,63 @@ def test_fallback_grades_follow_each_population_s_correction() -> None:
     assert ShiftRouting(()).fallback_grades(probs, kinds).tolist() == [0, 0, 0]  # none: argmax
 
 
+def test_fallback_answer_blends_then_corrects() -> None:
+    base = _routing()
+    routing = ShiftRouting(
+        (dataclasses.replace(base.kinds[0], fallback_bias=(0.0, 0.0, 0.9)),), teacher_weight=0.25
+    )
+    student = np.asarray([[0.2, 0.2, 0.6], [0.9, 0.05, 0.05]])
+    teacher = np.asarray([[0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
+    answer, grades = routing.fallback_answer(student, teacher, np.asarray([0, -1]))
+    np.testing.assert_allclose(answer, 0.25 * teacher + 0.75 * student)
+    assert grades.tolist() == [2, 0]  # row 0: blend argmax is 2 already; row 1: no correction
+    alone, _ = ShiftRouting(()).fallback_answer(student, teacher, np.asarray([-1, -1]))
+    np.testing.assert_array_equal(alone, teacher)  # weight 1: the teacher's own answer
+    with pytest.raises(InputError, match="teacher_weight"):
+        ShiftRouting((), teacher_weight=0.0)
+
+
+def test_a_population_s_grading_answer_may_be_the_teacher_alone() -> None:
+    base = _routing()
+    routing = ShiftRouting((dataclasses.replace(base.kinds[0], grade_weight=1.0),), teacher_weight=0.5)
+    student = np.asarray([[0.9, 0.05, 0.05], [0.9, 0.05, 0.05]])
+    teacher = np.asarray([[0.3, 0.3, 0.4], [0.3, 0.3, 0.4]])
+    answer, grades = routing.fallback_answer(student, teacher, np.asarray([0, -1]))
+    np.testing.assert_allclose(answer, 0.5 * teacher + 0.5 * student)  # both rank by the blend
+    assert grades.tolist() == [2, 0]  # the kind grades by the teacher alone, the rest by the blend
+    with pytest.raises(InputError, match="grade_weight"):
+        ShiftRouting((), in_distribution_grade_weight=1.5)
+
+
+def test_choose_grade_weight_takes_the_answer_that_grades_better_held_out() -> None:
+    rng = np.random.default_rng(0)
+    n = 900
+    queries = [f"q{i // 30}" for i in range(n)]
+    grades = rng.integers(0, 3, n)
+    wrong = np.eye(3)[rng.integers(0, 3, n)]
+    student_logits = np.log(0.95 * wrong + 0.05 / 3)  # a confident student that grades at random
+    teacher = 0.7 * np.eye(3)[grades] + 0.1  # a teacher that knows the grades
+    ev = GradedEvidence(queries, grades, student_logits, teacher, 1.0, (0.0, 1.0, 2.0), teacher_weight=0.5)
+    weight, scores = choose_grade_weight(ev, seeds=2)
+    assert weight == 1.0 and scores["1.0"] > scores["0.5"]
+    same = GradedEvidence(queries, grades, np.log(teacher), teacher, 1.0, (0.0, 1.0, 2.0), teacher_weight=0.5)
+    assert choose_grade_weight(same, seeds=2)[0] == 0.5  # equal answers: the served blend
+
+
+def test_teacher_weight_round_trips_and_old_files_read_as_teacher_alone(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "shift.json"
+    dataclasses.replace(_routing(), teacher_weight=0.5).save(str(path))
+    assert ShiftRouting.load(str(path)).teacher_weight == 0.5
+    data = json.loads(path.read_text())
+    del data["teacher_weight"]
+    path.write_text(json.dumps(data))
+    assert ShiftRouting.load(str(path)).teacher_weight == 1.0
+    data["teacher_weight"] = 2.0
+    path.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="teacher_weight"):
+        ShiftRouting.load(str(path))
+
+
 def test_routing_policy_takes_the_bundle_rule_unless_given_excess_thresholds() -> None:
     assert RoutingPolicy(error_threshold=0.3).rule == "expected_error"
     assert RoutingPolicy(margin_threshold=1.0).rule == "threshold_excess"
@@ -234,6 +294,39 @@ def test_fit_shift_kind_routes_lists_only_where_the_teacher_ranks_better(splits)
         evidence_is_kind=is_kind,
     )
     assert not worse.route_lists and not worse.route_pairs
+
+
+def test_bootstrap_gains_bracket_the_measured_gains() -> None:
+    rng = np.random.default_rng(1)
+    queries = [f"q{i // 20}" for i in range(400)]
+    grades = rng.integers(0, 3, 400)
+    student = np.where(rng.random(400) < 0.5, grades, rng.integers(0, 3, 400))
+    teacher = np.where(rng.random(400) < 0.8, grades, rng.integers(0, 3, 400))
+    ndcg = {f"q{i}": 0.05 + 0.02 * rng.standard_normal() for i in range(20)}
+    f1_gain = macro_f1(grades, teacher, 3) - macro_f1(grades, student, 3)
+    ci = bootstrap_gains(ndcg, grades, student, teacher, queries, 3)
+    assert 0.0 < ci.macro_f1[0] < f1_gain < ci.macro_f1[1]
+    assert ci.ndcg[0] < float(np.mean(list(ndcg.values()))) < ci.ndcg[1]
+    assert ci.combined[0] > ci.macro_f1[0] and ci.combined[1] > ci.macro_f1[1]
+    same = bootstrap_gains(dict.fromkeys(ndcg, 0.0), grades, student, student, queries, 3)
+    assert same.macro_f1 == same.combined == (0.0, 0.0)
+
+
+def _gains(ndcg: float, f1: float, combined_ci: tuple[float, float]) -> dict:
+    return {"ndcg_gain": ndcg, "macro_f1_gain": f1, "combined_gain_ci90": list(combined_ci)}
+
+
+@pytest.mark.parametrize(
+    ("record", "routes"),
+    [
+        (_gains(0.064, 0.110, (0.02, 0.30)), True),  # both better, the sum with evidence
+        (_gains(0.004, 0.136, (-0.08, 0.25)), False),  # both better on the mean, the sum is noise
+        (_gains(-0.031, 0.14, (0.01, 0.25)), False),  # grades better, ranks worse
+        (_gains(0.05, -0.02, (0.01, 0.09)), False),  # ranks better, grades worse
+    ],
+)
+def test_lists_pay_follows_expected_gain_over_both_jobs(record: dict, routes: bool) -> None:
+    assert lists_pay(record) is routes
 
 
 def test_bootstrap_interval_brackets_the_mean() -> None:
