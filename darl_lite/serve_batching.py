@@ -258,34 +258,16 @@ class RequestBatcher:
 
     async def _linger(self, wakeup: asyncio.Event) -> None:
         """Wait up to ``max_wait_ms`` for more calls, unless a full batch is already queued."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait_s
-        while self._queued_pairs < self.max_batch_pairs:
-            left = deadline - loop.time()
-            if left <= 0:
-                return
-            wakeup.clear()
-            try:
-                await asyncio.wait_for(wakeup.wait(), left)
-            except asyncio.TimeoutError:
-                return
+        await _wait_until(wakeup, self.max_wait_s, lambda: self._queued_pairs >= self.max_batch_pairs)
 
     async def _gather(self, wakeup: asyncio.Event) -> None:
         """While another pass runs, wait up to ``gather_wait_ms`` for ``gather_pairs`` queued pairs
         (ends early when every pass has finished: then nothing is gained by waiting)."""
-        if self.gather_wait_s <= 0 or self._busy == 0 or self._queued_pairs >= self.gather_pairs:
+        if self.gather_wait_s <= 0 or self._busy == 0:
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.gather_wait_s
-        while self._busy > 0 and self._queued_pairs < self.gather_pairs:
-            left = deadline - loop.time()
-            if left <= 0:
-                return
-            wakeup.clear()
-            try:
-                await asyncio.wait_for(wakeup.wait(), left)
-            except asyncio.TimeoutError:
-                return
+        await _wait_until(
+            wakeup, self.gather_wait_s, lambda: self._busy == 0 or self._queued_pairs >= self.gather_pairs
+        )
 
     def _take(self) -> list[_Entry]:
         """The queued calls of the next pass: the first live one, then more while they fit the cap."""
@@ -439,6 +421,21 @@ def _worker_model(scorer: Scorer, threads: int) -> RelevanceModel:
 def _set_exception(future: asyncio.Future[Results], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+async def _wait_until(wakeup: asyncio.Event, seconds: float, done: Callable[[], bool]) -> None:
+    """Return when ``done()`` holds (checked at each ``wakeup``) or after ``seconds``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not done():
+        left = deadline - loop.time()
+        if left <= 0:
+            return
+        wakeup.clear()
+        try:
+            await asyncio.wait_for(wakeup.wait(), left)
+        except asyncio.TimeoutError:
+            return
 
 
 __all__ = [
