@@ -42,6 +42,10 @@ class OODScale:
             raise BundleError("the OOD quantile table must be sorted ascending; re-export the bundle")
         self.quantiles = table
         self.levels = np.linspace(0.0, 1.0, table.size)
+        # np.interp needs strictly increasing x-points for a well-defined answer on flat stretches:
+        # keep the last level of each run of equal quantiles (once, not per call).
+        keep = np.append(np.diff(table) > 0, True)
+        self._points, self._levels = table[keep], self.levels[keep]
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any], precision: str) -> OODScale | None:
@@ -56,10 +60,7 @@ class OODScale:
         the stretch below the score, so equal raw scores always give equal percentiles.
         """
         x = np.asarray(scores, dtype=np.float64)
-        # np.interp needs strictly increasing x-points for a well-defined answer on flat stretches:
-        # keep the last level of each run of equal quantiles.
-        keep = np.append(np.diff(self.quantiles) > 0, True)
-        return np.interp(x, self.quantiles[keep], self.levels[keep], left=0.0, right=1.0)
+        return np.interp(x, self._points, self._levels, left=0.0, right=1.0)
 
 
 __all__ = ["QUANTILE_POINTS", "OODScale", "id_quantile_table"]

@@ -270,8 +270,7 @@ class Scorer:
         )
         student, notes, routed = plan.student, plan.notes, plan.routed
         n = len(queries)
-        final = student.copy()
-        grades = plan.grades.copy()
+        final, grades = student, plan.grades  # copied only where the teacher's answer goes in
         from_llm = np.zeros(n, bool)
         routed_index = np.flatnonzero(routed)
         if len(routed_index):
@@ -285,6 +284,7 @@ class Scorer:
                     for i in routed_index:
                         notes[i] = f"fallback failed ({error}): student answer kept"
                 else:
+                    final, grades = student.copy(), plan.grades.copy()
                     final[routed_index], grades[routed_index] = plan.fallback_answer(answer, self.shift)
                     from_llm[routed_index] = True
         return ScoredArrays(

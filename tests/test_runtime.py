@@ -234,3 +234,20 @@ def test_importing_the_runtime_never_imports_torch() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_unpadded_batches_feed_what_the_padded_path_feeds(scorer: Scorer) -> None:
+    """A batch of equal lengths (a lone pair) skips the padding mask: same tokens, same answers."""
+    model = scorer.model
+    query, short = "szechwan cuisine", "Mapo tofu"
+    long_ = "Afghan cuisine of the mountain provinces in winter"
+    alone = model.plan([query], [short])
+    ((_index, feeds),) = alone.batches
+    expected = model.tokenizer.encode(query, short)
+    assert feeds["input_ids"].tolist() == [expected.ids]
+    assert feeds["attention_mask"].tolist() == [[1] * len(expected.ids)]
+    if "token_type_ids" in feeds:
+        assert feeds["token_type_ids"].tolist() == [expected.type_ids]
+    assert all(f.dtype == np.int64 for f in feeds.values())
+    padded = model.run([query, query], [short, long_])  # one batch, the short pair padded
+    np.testing.assert_allclose(model.run([query], [short]).logits[0], padded.logits[0], atol=1e-5)

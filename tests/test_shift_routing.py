@@ -347,3 +347,19 @@ def test_shift_routing_file_round_trip(tmp_path) -> None:  # type: ignore[no-unt
     path.write_text('{"format": "nope"}')
     with pytest.raises(BundleError, match="re-export"):
         ShiftRouting.load(str(path))
+
+
+def test_a_one_query_call_is_assigned_as_in_a_mixed_call() -> None:
+    """The one-query path (a search request) gives what the many-query path gives that query."""
+    detector = _routing().kinds[0].detector
+    kinds = (
+        ShiftKind("questions", detector, 0.5, True, False, None),
+        ShiftKind("also-questions", detector, 0.4, True, False, None),  # ties go to the first kind
+        ShiftKind("rarely", detector, 0.999, True, False, None),
+    )
+    routing = ShiftRouting(kinds)
+    for query in ("which shoe is best?", "red shoes", "who sells a laptop bag?"):
+        alone = routing.assign([query] * 3)
+        mixed = routing.assign([query, "a different query?", query, "laptop sleeve", query])
+        assert alone.kind.tolist() == [mixed.kind[0]] * 3
+        np.testing.assert_array_equal(alone.probability, np.full(3, mixed.probability[0]))
