@@ -300,15 +300,6 @@ class RelevanceModel:
         """Right-padded id, mask and type arrays for the pairs ``index``, filled without a per-row loop."""
         lengths = rows.lengths[index]
         width = int(lengths.max())
-        if int(lengths.min()) == width:  # no padding (a lone pair, or equal lengths): plain arrays
-            picked = index.tolist()
-            arrays = {
-                "input_ids": np.array([rows.ids[i] for i in picked], np.int64),
-                "attention_mask": np.ones((len(picked), width), np.int64),
-            }
-            if "token_type_ids" in self.input_names:
-                arrays["token_type_ids"] = np.array([rows.type_ids[i] for i in picked], np.int64)
-            return {name: arrays[name] for name in self.input_names}
         mask = np.arange(width)[None, :] < lengths[:, None]
         total = int(lengths.sum())
         ids = np.full(mask.shape, self.pad_id, np.int64)

@@ -148,24 +148,12 @@ class ShiftRouting:
         if not self.kinds or not n:
             return QueryAssignment(kind, best)
         distinct = list(dict.fromkeys(queries))
-        if len(distinct) == 1:  # a search request: one query, its items (no per-pair arrays to map)
-            kind_of, probability = self._assign_one(distinct[0])
-            return QueryAssignment(np.full(n, kind_of, np.intp), np.full(n, probability))
         probs = np.stack([k.detector.probabilities(distinct) for k in self.kinds], axis=1)  # (Q, K)
         past = probs >= np.asarray([k.threshold for k in self.kinds])[None, :]
         chosen = np.where(past.any(axis=1), np.where(past, probs, -1.0).argmax(axis=1), -1)
         row_of = {q: i for i, q in enumerate(distinct)}
         rows = np.fromiter((row_of[q] for q in queries), np.intp, count=n)
         return QueryAssignment(chosen[rows].astype(np.intp), probs.max(axis=1)[rows])
-
-    def _assign_one(self, query: str) -> tuple[int, float]:
-        """:meth:`assign` for one query, in plain floats: (its kind or -1, the largest probability)."""
-        probs = [k.detector.probability(query) for k in self.kinds]
-        chosen, best = -1, -1.0
-        for index, (kind, p) in enumerate(zip(self.kinds, probs, strict=True)):
-            if p >= kind.threshold and p > best:  # ties: the first kind, as argmax
-                chosen, best = index, p
-        return chosen, max(probs)
 
     def student_grades(self, logits: NDArray[np.floating], kind: NDArray[np.intp]) -> NDArray[np.intp]:
         """The student's grade decisions (``kind``: each row's population, -1 for none): argmax of

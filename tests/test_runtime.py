@@ -236,8 +236,8 @@ def test_importing_the_runtime_never_imports_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_unpadded_batches_feed_what_the_padded_path_feeds(scorer: Scorer) -> None:
-    """A batch of equal lengths (a lone pair) skips the padding mask: same tokens, same answers."""
+def test_a_lone_pair_is_fed_as_the_tokenizer_encodes_it_and_padding_keeps_its_answer(scorer: Scorer) -> None:
+    """A lone pair's feeds are the tokenizer's own pair encoding; padded beside a longer pair, same answer."""
     model = scorer.model
     query, short = "szechwan cuisine", "Mapo tofu"
     long_ = "Afghan cuisine of the mountain provinces in winter"

@@ -350,7 +350,7 @@ def test_shift_routing_file_round_trip(tmp_path) -> None:  # type: ignore[no-unt
 
 
 def test_a_one_query_call_is_assigned_as_in_a_mixed_call() -> None:
-    """The one-query path (a search request) gives what the many-query path gives that query."""
+    """A request's query gets the same kind and probability alone as beside other queries."""
     detector = _routing().kinds[0].detector
     kinds = (
         ShiftKind("questions", detector, 0.5, True, False, None),
