@@ -232,6 +232,17 @@ def test_the_call_deadline_bounds_a_queue_of_slow_requests(fault: FaultServer) -
     assert fault.requests < 20  # the queued rest were never sent
 
 
+def test_a_request_cut_short_by_the_call_deadline_reports_the_deadline(fault: FaultServer) -> None:
+    fault.mode = "hang"  # never answers: the one attempt's 1 s timeout is cut to the call's 0.3 s
+    with (
+        _client(fault, timeout_s=1.0, retries=2, call_timeout_s=0.3) as client,
+        pytest.raises(FallbackError, match=r"call deadline of 0\.30 s passed") as raised,
+    ):
+        client(PAIRS[:1])
+    assert "timed out after" not in str(raised.value).split("(last attempt")[0]
+    assert fault.requests == 1  # no retry once the deadline has passed
+
+
 def test_concurrency_is_capped_and_connections_are_reused(fault: FaultServer) -> None:
     fault.mode = "slow"
     with _client(fault, max_concurrency=3) as client:

@@ -312,21 +312,42 @@ def test_bootstrap_gains_bracket_the_measured_gains() -> None:
     assert same.macro_f1 == same.combined == (0.0, 0.0)
 
 
-def _gains(ndcg: float, f1: float, combined_ci: tuple[float, float]) -> dict:
-    return {"ndcg_gain": ndcg, "macro_f1_gain": f1, "combined_gain_ci90": list(combined_ci)}
+def _gains(
+    ndcg: float,
+    f1: float,
+    combined_ci: tuple[float, float],
+    ndcg_ci: tuple[float, float] = (-1.0, 1.0),
+    f1_ci: tuple[float, float] = (-1.0, 1.0),
+) -> dict:
+    return {
+        "ndcg_gain": ndcg,
+        "macro_f1_gain": f1,
+        "combined_gain_ci90": list(combined_ci),
+        "ndcg_gain_ci90": list(ndcg_ci),
+        "macro_f1_gain_ci90": list(f1_ci),
+    }
 
 
 @pytest.mark.parametrize(
     ("record", "routes"),
     [
         (_gains(0.064, 0.110, (0.02, 0.30)), True),  # both better, the sum with evidence
-        (_gains(0.004, 0.136, (-0.08, 0.25)), False),  # both better on the mean, the sum is noise
-        (_gains(-0.031, 0.14, (0.01, 0.25)), False),  # grades better, ranks worse
-        (_gains(0.05, -0.02, (0.01, 0.09)), False),  # ranks better, grades worse
+        (_gains(0.004, 0.136, (-0.08, 0.25)), False),  # both better on the mean, nothing established
+        # grading clearly better, ranking a noisy zero that drags the sum's interval below zero
+        (_gains(0.013, 0.136, (-0.02, 0.27), (-0.07, 0.10), (0.015, 0.20)), True),
+        (_gains(0.05, 0.01, (-0.01, 0.12), (0.01, 0.09), (-0.03, 0.05)), True),  # ranking clearly better
+        (_gains(-0.031, 0.14, (0.01, 0.25), f1_ci=(0.02, 0.25)), False),  # grades better, ranks worse
+        (_gains(0.05, -0.02, (0.01, 0.09), ndcg_ci=(0.01, 0.09)), False),  # ranks better, grades worse
     ],
 )
 def test_lists_pay_follows_expected_gain_over_both_jobs(record: dict, routes: bool) -> None:
     assert lists_pay(record) is routes
+
+
+def test_lists_pay_reads_records_without_per_job_intervals() -> None:
+    record = {"ndcg_gain": 0.02, "macro_f1_gain": 0.1, "combined_gain_ci90": [0.01, 0.2]}
+    assert lists_pay(record)
+    assert not lists_pay({**record, "combined_gain_ci90": [-0.01, 0.2]})
 
 
 def test_bootstrap_interval_brackets_the_mean() -> None:

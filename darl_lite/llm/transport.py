@@ -290,6 +290,10 @@ class HTTPTransport:
                     reported = True
                     return cast(T, value)  # ok: parse gave the value
                 logger.debug("%s attempt %d failed: %s", label, attempt + 1, error)
+                if retryable and time.monotonic() >= call.deadline:
+                    # the attempt's timeout was cut to what the call had left: say so, not just "timed out"
+                    error = f"call deadline of {self.call_timeout_s:.2f} s passed (last attempt: {error})"
+                    break
                 if not retryable or attempt == self.retries:
                     break
                 delay = self.backoff_s * 2**attempt * (0.5 + 0.5 * random.random())
