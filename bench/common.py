@@ -33,11 +33,41 @@ CONTENDERS: dict[str, tuple[str, str]] = {
     "raw_int8": ("raw onnxruntime session, int8 graph, pre-tokenised (floor)", "int8"),
     "st_torch": ("sentence-transformers CrossEncoder, torch fp32", "fp32"),
     "st_onnx": ("sentence-transformers CrossEncoder, ONNX backend fp32", "fp32"),
-    "st_onnx_int8": ("sentence-transformers CrossEncoder, ONNX dynamic-quantized (avx512_vnni)", "int8"),
+    "st_onnx_int8": ("sentence-transformers CrossEncoder, ONNX dynamic-quantized (its CPU's preset)", "int8"),
 }
 
 ST_ONNX_FILE = "onnx/model.onnx"
-ST_ONNX_INT8_FILE = "onnx/model_qint8_avx512_vnni.onnx"
+
+
+@lru_cache(maxsize=1)
+def st_int8_preset() -> str:
+    """sentence-transformers' dynamic int8 preset a user of this CPU picks: the fastest it has here.
+
+    ``avx512_vnni`` where the CPU has VNNI, ``avx512`` with AVX-512 alone, ``arm64`` on ARM, else
+    ``avx2``. The VNNI preset on an AVX2-only CPU would run, but on a preset made for another CPU.
+    """
+    import platform
+
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        return "arm64"
+    from bench.peak import read_cpu_info
+
+    flags = read_cpu_info().flags
+    return "avx512_vnni" if "avx512_vnni" in flags else "avx512" if "avx512f" in flags else "avx2"
+
+
+def st_int8_file(st_dir: Path, preset: str | None = None) -> str:
+    """The file ST's ``export_dynamic_quantized_onnx_model(model, preset)`` wrote in ``st_dir``,
+    relative to it (``onnx/model_qint8_avx512_vnni.onnx``; ``quint8`` weights for ``avx2``)."""
+    preset = preset or st_int8_preset()
+    found = sorted(st_dir.glob(f"onnx/model_*int8_{preset}.onnx"))
+    if not found:
+        raise FileNotFoundError(f"no sentence-transformers {preset} int8 export in {st_dir / 'onnx'}")
+    return found[0].relative_to(st_dir).as_posix()
+
+
+def st_int8_label(preset: str | None = None) -> str:
+    return f"ST int8 export ({preset or st_int8_preset()})"
 
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS")
 
@@ -99,7 +129,7 @@ def prepare_st_models(student: Path, work: Path, max_length: int) -> Path:
     marker = target / "darl_source_sha256.txt"
     if (
         (target / ST_ONNX_FILE).is_file()
-        and (target / ST_ONNX_INT8_FILE).is_file()
+        and any(target.glob(f"onnx/model_*int8_{st_int8_preset()}.onnx"))
         and marker.is_file()
         and marker.read_text().strip() == source
     ):
@@ -117,7 +147,8 @@ def prepare_st_models(student: Path, work: Path, max_length: int) -> Path:
         path.chmod(path.stat().st_mode | 0o200)
     model = CrossEncoder(str(target), backend="onnx", device="cpu", max_length=max_length)
     model.save_pretrained(str(target))
-    export_dynamic_quantized_onnx_model(model, "avx512_vnni", str(target))
+    export_dynamic_quantized_onnx_model(model, st_int8_preset(), str(target))
+    st_int8_file(target)  # it wrote the file under the name looked for
     marker.write_text(source + "\n")
     return target
 
@@ -177,7 +208,7 @@ class ContenderFactory:
 
         if name == "st_torch":
             return CrossEncoder(str(self.st_dir), device="cpu", max_length=self.max_length)
-        file_name = ST_ONNX_FILE if name == "st_onnx" else ST_ONNX_INT8_FILE
+        file_name = ST_ONNX_FILE if name == "st_onnx" else st_int8_file(self.st_dir)
         return CrossEncoder(
             str(self.st_dir),
             backend="onnx",

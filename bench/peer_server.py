@@ -7,7 +7,8 @@
 Why this peer: a new user's ready-made servers did not serve this model (``infinity-emb`` 0.0.78 does
 not start its optimum engine on current optimum/torch, and its torch engine serves a 3-grade
 cross-encoder only as single-text ``classify``), so the peer is the strongest export a user gets
-from sentence-transformers itself — ``export_dynamic_quantized_onnx_model(model, "avx512_vnni")``
+from sentence-transformers itself — ``export_dynamic_quantized_onnx_model(model, preset)``, its
+preset for this CPU (``avx512_vnni`` with VNNI, else ``avx512`` or ``avx2``; ``bench.common.st_int8_preset``)
 of the same student weights, loaded with ``CrossEncoder(backend="onnx")`` on the same onnxruntime
 session options (``bench.common.prepare_st_models`` / ``ContenderFactory``) — behind the smallest
 FastAPI app that speaks darl-lite's request shape: ``POST /score`` with ``{"query", "items"}`` →
@@ -23,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bench.common import BATCH_SIZE, ST_ONNX_INT8_FILE, prepare_st_models, thread_env
+from bench.common import BATCH_SIZE, prepare_st_models, st_int8_file, st_int8_preset, thread_env
 
 GAINS = (0.0, 1.0, 2.0)  # darl-lite's grade gains (irrelevant, weak, strong)
 
@@ -68,7 +69,7 @@ def create_peer_app(model: Any, max_items: int = 1000) -> Any:
 
     @app.get("/healthz")
     async def healthz() -> Any:
-        return {"status": "ok", "peer": "sentence-transformers CrossEncoder, ONNX int8 (avx512_vnni)"}
+        return {"status": "ok", "peer": f"sentence-transformers CrossEncoder, ONNX int8 ({st_int8_preset()})"}
 
     @app.post("/score")
     async def score_route(request: Request) -> Any:
@@ -85,7 +86,7 @@ def create_peer_app(model: Any, max_items: int = 1000) -> Any:
 
 
 def load_peer_model(student: Path, work: Path, threads: int, max_length: int) -> Any:
-    """ST's avx512_vnni int8 export of ``student`` (made once into ``work``), on ``threads`` threads."""
+    """ST's int8 export of ``student`` (its CPU's preset), made once into ``work``, on ``threads`` threads."""
     import torch
     from sentence_transformers import CrossEncoder
 
@@ -99,7 +100,7 @@ def load_peer_model(student: Path, work: Path, threads: int, max_length: int) ->
         device="cpu",
         max_length=max_length,
         model_kwargs={
-            "file_name": ST_ONNX_INT8_FILE,
+            "file_name": st_int8_file(st_dir),
             "provider": "CPUExecutionProvider",
             "session_options": SessionConfig(intra_op_threads=threads).session_options(),
         },

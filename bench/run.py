@@ -56,7 +56,7 @@ def _machine() -> str:
             model = line.split(":", 1)[1].strip()
         if line.startswith("flags") and not flags:
             flags = set(line.split(":", 1)[1].split())
-    isa = [f for f in ("avx512f", "avx512_vnni", "amx_int8") if f in flags]
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "amx_int8") if f in flags]
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import numpy
     import onnxruntime

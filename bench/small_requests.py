@@ -32,7 +32,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import ContenderFactory, RawSession, _raw_call, latency_requests, prepare_st_models
+from bench.common import (
+    ContenderFactory,
+    RawSession,
+    _raw_call,
+    latency_requests,
+    prepare_st_models,
+    st_int8_label,
+)
 from darl_lite import Scorer, SessionConfig, inference
 
 SIZES = (1, 10, 100)
@@ -95,7 +102,7 @@ def contenders(args: argparse.Namespace, query: str, items: list[str]) -> dict[s
         "darl-lite int8, no length cut": lambda: no_cut(query, items),
         "darl-lite int8, spinning off": lambda: no_spin.score(query, items),
         "raw session, pre-tokenised (floor)": _raw_call(RawSession(args.bundle, threads), query, items),
-        "ST int8 export (avx512_vnni)": factory.prepare("st_onnx_int8", threads, query, items),
+        st_int8_label(): factory.prepare("st_onnx_int8", threads, query, items),
     }
 
 
@@ -127,11 +134,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for n in SIZES:
         query, items = requests[n]
         calls = contenders(args, query, items)
-        peer = calls["ST int8 export (avx512_vnni)"]
+        peer = calls[st_int8_label()]
         medians = alone(calls, args.reps, args.rounds)
         case: dict[str, Any] = {"alone_ms": medians}
         case["alone_ratio_vs_peer"] = {
-            name: medians["ST int8 export (avx512_vnni)"] / ms for name, ms in medians.items()
+            name: medians[st_int8_label()] / ms for name, ms in medians.items()
         }
         case["neighbour_ms"] = {
             "shipped": neighbour(calls["darl-lite int8 (shipped)"], peer, args.reps * args.rounds // 2),

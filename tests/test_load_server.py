@@ -112,17 +112,19 @@ def test_refuses_a_host_that_is_not_loopback() -> None:
 
 
 def test_peer_server_speaks_the_same_shape(tiny_student_dir: Path, tmp_path: Path) -> None:
-    """The peer (ST's own avx512_vnni int8 export of the tiny student) under the same load generator."""
+    """The peer (ST's own int8 export of the tiny student, its CPU's preset) under the same load generator."""
     import asyncio
 
     sys.path.insert(0, str(ROOT))
     from uvicorn_thread import serve_in_thread
 
+    from bench.common import st_int8_file
     from bench.load_server import run_load
     from bench.peer_server import create_peer_app, load_peer_model
 
     model = load_peer_model(tiny_student_dir, tmp_path / "work", threads=1, max_length=32)
-    assert (tmp_path / "work" / "st_student" / "onnx" / "model_qint8_avx512_vnni.onnx").is_file()
+    st_dir = tmp_path / "work" / "st_student"
+    assert (st_dir / st_int8_file(st_dir)).is_file()
     server = cast(Generator[str, None, None], serve_in_thread(create_peer_app(model)))
     url = next(server)
     try:
