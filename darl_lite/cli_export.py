@@ -25,7 +25,7 @@ def register(sub: Any) -> None:
         default="auto",
         choices=["auto", "static", "dynamic"],
         help="int8 activation scales: fixed from training pairs (static) or per batch (dynamic); "
-        "auto = static on avx512_vnni, where it was measured faster and closer to fp32, else dynamic",
+        "auto = static on avx512_vnni and avx2 (measured faster and closer to fp32 there), else dynamic",
     )
     gate = "parity gate"
     export.add_argument("--min-agreement", type=float, help=f"{gate}: int8/fp32 grade argmax agreement")

@@ -66,10 +66,12 @@ class ExportConfig:
     graph ran 1.07-1.18x faster than the dynamic one at 1 and 2 threads, 1 to 1,000 items
     (``python -m bench.graph_levers --static``, AVX-512 VNNI), agreed better with fp32 (0.9935 vs
     0.9845 on dev pairs), and a pair's scores no longer depend on the pairs batched with it.
-    ``"auto"`` (default) takes static with the ``avx512_vnni`` preset, where it was measured, and
-    dynamic with the others, whose trade-offs were measured for dynamic only. If the static graph
-    fails the gate, the sensitivity search runs as in dynamic mode and re-quantizes dynamically (the
-    manifest's ``quantization.mode`` says which one shipped).
+    ``"auto"`` (default) takes static with the ``avx512_vnni`` and ``avx2`` presets: on an AVX2-only
+    machine (2026-12-02) the static graph with the head alone fp32 ran 1.09-1.23x faster than the
+    dynamic one the gate had shipped (three more nodes fp32) at 1 thread, 1.01-1.23x at 2, and
+    agreed better with fp32 (0.9935 vs 0.9875); ``arm64`` stays dynamic (never measured). If the
+    static graph fails the gate, the sensitivity search runs as in dynamic mode and re-quantizes
+    dynamically (the manifest's ``quantization.mode`` says which one shipped).
     """
 
     max_length: int = 64

@@ -202,11 +202,17 @@ def quantize_step(
     return preset, info
 
 
+#: Presets whose ``quant_mode="auto"`` is static: measured faster than dynamic and closer to fp32
+#: (``python -m bench.graph_levers --static``) on AVX-512 VNNI (2026-12-01) and on AVX2 (2026-12-02).
+STATIC_PRESETS = frozenset({"avx512_vnni", "avx2"})
+
+
 def resolve_quant_mode(requested: str, preset: str) -> Literal["dynamic", "static"]:
-    """``"auto"`` -> static with the ``avx512_vnni`` preset (measured faster and closer to fp32
-    there), dynamic with the others; ``"static"`` / ``"dynamic"`` as asked."""
+    """``"auto"`` -> static with the ``avx512_vnni`` and ``avx2`` presets (measured faster and
+    closer to fp32 on both), dynamic with ``arm64`` (never measured); ``"static"`` / ``"dynamic"``
+    as asked."""
     if requested == "auto":
-        return "static" if preset == "avx512_vnni" else "dynamic"
+        return "static" if preset in STATIC_PRESETS else "dynamic"
     if requested not in ("dynamic", "static"):
         raise InputError(f"ExportConfig.quant_mode must be 'auto', 'dynamic' or 'static', not {requested!r}")
     return "static" if requested == "static" else "dynamic"

@@ -162,7 +162,7 @@ def test_auto_quant_mode_follows_the_preset_it_was_measured_on() -> None:
     from darl_lite.export.build_steps import resolve_quant_mode
 
     assert resolve_quant_mode("auto", "avx512_vnni") == "static"
-    assert resolve_quant_mode("auto", "avx2") == "dynamic"
+    assert resolve_quant_mode("auto", "avx2") == "static"
     assert resolve_quant_mode("auto", "arm64") == "dynamic"
     assert resolve_quant_mode("dynamic", "avx512_vnni") == "dynamic"
     assert resolve_quant_mode("static", "avx2") == "static"
