@@ -203,7 +203,7 @@ def quantize_step(
 
 
 #: Presets whose ``quant_mode="auto"`` is static: measured faster than dynamic and closer to fp32
-#: (``python -m bench.graph_levers --static``) on AVX-512 VNNI (2026-12-01) and on AVX2 (2026-12-02).
+#: (``python -m bench.graph_levers --static``) on AVX-512 VNNI and on AVX2 (both 2026-12-02).
 STATIC_PRESETS = frozenset({"avx512_vnni", "avx2"})
 
 
