@@ -56,18 +56,27 @@ def st_int8_preset() -> str:
     return "avx512_vnni" if "avx512_vnni" in flags else "avx512" if "avx512f" in flags else "avx2"
 
 
-def st_int8_file(st_dir: Path, preset: str | None = None) -> str:
-    """The file ST's ``export_dynamic_quantized_onnx_model(model, preset)`` wrote in ``st_dir``,
-    relative to it (``onnx/model_qint8_avx512_vnni.onnx``; ``quint8`` weights for ``avx2``)."""
-    preset = preset or st_int8_preset()
-    found = sorted(st_dir.glob(f"onnx/model_*int8_{preset}.onnx"))
-    if not found:
-        raise FileNotFoundError(f"no sentence-transformers {preset} int8 export in {st_dir / 'onnx'}")
-    return found[0].relative_to(st_dir).as_posix()
+def _st_int8_path(st_dir: Path) -> Path | None:
+    """ST's int8 export for this CPU's preset in ``st_dir``, if there (``avx2`` writes ``quint8``
+    weights: ``onnx/model_quint8_avx2.onnx``; the others ``onnx/model_qint8_<preset>.onnx``)."""
+    return next(iter(sorted(st_dir.glob(f"onnx/model_*int8_{st_int8_preset()}.onnx"))), None)
 
 
-def st_int8_label(preset: str | None = None) -> str:
-    return f"ST int8 export ({preset or st_int8_preset()})"
+def st_int8_file(st_dir: Path) -> str:
+    """The file ST's ``export_dynamic_quantized_onnx_model(model, st_int8_preset())`` wrote in
+    ``st_dir``, relative to it."""
+    found = _st_int8_path(st_dir)
+    if found is None:
+        raise FileNotFoundError(
+            f"no sentence-transformers {st_int8_preset()} int8 export in {st_dir / 'onnx'}; "
+            "bench.common.prepare_st_models makes it"
+        )
+    return found.relative_to(st_dir).as_posix()
+
+
+def st_int8_label() -> str:
+    return f"ST int8 export ({st_int8_preset()})"
+
 
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS")
 
@@ -129,7 +138,7 @@ def prepare_st_models(student: Path, work: Path, max_length: int) -> Path:
     marker = target / "darl_source_sha256.txt"
     if (
         (target / ST_ONNX_FILE).is_file()
-        and any(target.glob(f"onnx/model_*int8_{st_int8_preset()}.onnx"))
+        and _st_int8_path(target) is not None
         and marker.is_file()
         and marker.read_text().strip() == source
     ):

@@ -367,7 +367,7 @@ def render(r: dict) -> str:
                         f"| {label} | {x['pairs_per_s']:.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | "
                         f"{x['rounds']} | {_fmt(x['x_vs_st_torch'], '.2f')}× | "
                         f"{'–' if over is None else f'{100 * over:+.0f}%'} | {x['gops']:.0f} | "
-                        f"{_fmt(x['fraction_of_peak'] and 100 * x['fraction_of_peak'], '.1f')} | "
+                        f"{_pct(x['fraction_of_peak'])} | "
                         f"{_pct(x.get('fraction_of_theoretical_peak'))} |"
                     )
                 lines.append("")

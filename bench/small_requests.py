@@ -134,12 +134,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for n in SIZES:
         query, items = requests[n]
         calls = contenders(args, query, items)
-        peer = calls[st_int8_label()]
+        peer_name = st_int8_label()
+        peer = calls[peer_name]
         medians = alone(calls, args.reps, args.rounds)
         case: dict[str, Any] = {"alone_ms": medians}
-        case["alone_ratio_vs_peer"] = {
-            name: medians[st_int8_label()] / ms for name, ms in medians.items()
-        }
+        case["alone_ratio_vs_peer"] = {name: medians[peer_name] / ms for name, ms in medians.items()}
         case["neighbour_ms"] = {
             "shipped": neighbour(calls["darl-lite int8 (shipped)"], peer, args.reps * args.rounds // 2),
             "spinning off": neighbour(
