@@ -292,7 +292,10 @@ class HTTPTransport:
                 logger.debug("%s attempt %d failed: %s", label, attempt + 1, error)
                 if retryable and time.monotonic() >= call.deadline:
                     # the attempt's timeout was cut to what the call had left: say so, not just "timed out"
-                    error = f"call deadline of {self.call_timeout_s:.2f} s passed (last attempt: {error})"
+                    error = (
+                        f"call deadline of {self.call_timeout_s:.2f} s passed (last attempt: {error}); "
+                        "raise call_timeout_s, or route fewer pairs"
+                    )
                     break
                 if not retryable or attempt == self.retries:
                     break
