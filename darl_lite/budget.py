@@ -106,6 +106,21 @@ class RouteBudget:
             self._record(now, n, granted, n, 0)
             return granted == n
 
+    def pair_share(self, reserve: int = 0) -> float | None:
+        """The share of the pairs that lists do not take which per-pair routing can route in
+        steady state, from the window: ``(max_fraction · seen − list demand − reserve) / (seen − list
+        demand)``, clipped to [0, 1]; None while the window is empty (nothing to go by).
+
+        Routing that asks for about this share gets its grants for its most urgent pairs; asking
+        for more lets whichever calls come first spend the allowance."""
+        with self._lock:
+            self._expire(self._clock())
+            rest = self._seen - self._list_wanted
+            if self._seen <= 0 or rest <= 0:
+                return None if self._seen <= 0 else 0.0
+            share = (self.max_fraction * self._seen - self._list_wanted - reserve) / rest
+            return min(1.0, max(0.0, share))
+
     def _cap(self, n: int) -> int:
         return math.floor(self.max_fraction * (self._seen + n) + 1e-9)
 

@@ -7,12 +7,16 @@ outputs, so what is measured is what a node does. The order:
 1. each pair's query is assigned a kind of shift (or none); the student's probabilities are its
    logits through the bundle's temperature (they rank a list), and its grade decision adds that
    kind's grade-prior correction to the logits (it moves the grade, never the ranking);
-2. **whole lists**: every query of a kind on which the teacher is expected to win goes to the
-   teacher with all its pairs, if the window budget grants the whole list (all or nothing: a list is
-   never a mix of two models);
-3. **pairs**: of the rest, the pairs the routing policy wants (the student is likely wrong), most
-   urgent first, within the per-call cap and what the window budget grants beyond the reserve kept
-   for whole lists and what lists asked for in the window (:class:`~darl_lite.budget.RouteBudget`).
+2. **lists**: every query of a kind on which the teacher is expected to win sends the head of its
+   list to the teacher (the kind's ``list_top_k`` pairs the student ranks highest, or all of
+   them), if the window budget grants the whole head (all or nothing: the head is never a mix of
+   two models);
+3. **pairs**: of the rest, the pairs routing wants, most urgent first — where the bundle has a
+   ``pair_margin_threshold``, the pairs whose corrected grade decision is closest to flipping (with
+   a window budget, as many as it can afford in steady state: ``RouteBudget.pair_share``), else
+   the routing policy's (the student is likely wrong) — within the per-call cap and what the
+   window budget grants beyond the reserve kept for lists and what lists asked for in the window
+   (:class:`~darl_lite.budget.RouteBudget`).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ class CallPlan:
     grades: NDArray[np.intp]  # the student's grade decisions, after its kind's prior correction
     candidate: NDArray[np.bool_]  # routing wanted the teacher (as a list or as a pair)
     routed: NDArray[np.bool_]  # and the budgets allowed it
-    list_routed: NDArray[np.bool_]  # routed as part of a whole shifted list
+    list_routed: NDArray[np.bool_]  # routed as part of a shifted list's head
     urgency: NDArray[np.float64]
     query_shift: NDArray[np.float64]  # the query's shift probability (0 without a detector)
     notes: list[str]
@@ -54,11 +58,24 @@ class CallPlan:
     ) -> tuple[NDArray[np.float64], NDArray[np.intp]]:
         """The routed pairs' served probabilities and grade decisions (in order) from the
         teacher's rows for them: blended with the student's and corrected per population when the
-        bundle has shift routing, the teacher's own answer and argmax otherwise."""
+        bundle has shift routing, the teacher's own answer and argmax otherwise.
+
+        With shift routing, a pair routed on its own (not in a list's routed head) takes its grade
+        from that answer but keeps the student's probabilities, which rank its list: one model
+        ranks each list. Per-pair routing picks pairs by how close their grade is to flipping, and
+        mixing two models' scales inside a list cost ranking (on the shipped id_test, blending the
+        10% of pairs nearest their boundary moved NDCG@10 from 0.479 to 0.475 while it raised it on
+        dev): the grade is what a second opinion on a lone pair is for."""
         if shift is None or self.population is None:
             answer = np.asarray(teacher, np.float64)
             return answer, answer.argmax(axis=1) if len(answer) else np.zeros(0, np.intp)
-        return shift.fallback_answer(self.student[self.routed], teacher, self.population[self.routed])
+        student = self.student[self.routed]
+        answer, grades = shift.fallback_answer(student, teacher, self.population[self.routed])
+        alone = ~self.list_routed[self.routed]
+        if alone.any():
+            answer = np.array(answer, np.float64)  # never the caller's teacher rows
+            answer[alone] = student[alone]
+        return answer, grades
 
 
 def plan_call(
@@ -70,23 +87,33 @@ def plan_call(
     policy: RoutingPolicy,
     shift: ShiftRouting | None = None,
     budget: RouteBudget | None = None,
+    gains: Sequence[float] | NDArray[np.floating] | None = None,
 ) -> CallPlan:
-    """Plan one call (see the module docstring); draws on ``budget`` once per list and once for pairs."""
-    n = len(queries)
-    assignment = (
-        shift.assign(queries) if shift is not None else QueryAssignment(np.full(n, -1, np.intp), np.zeros(n))
-    )
-    student = softmax(logits, temperature)
-    if shift is not None:
-        grades = shift.student_grades(logits, assignment.kind)
-    else:
-        grades = np.asarray(logits).argmax(axis=1) if n else np.zeros(0, np.intp)
-    notes = [""] * n
-    lists = shift.list_candidates(assignment) if shift is not None else np.zeros(n, bool)
-    list_routed = _route_lists(queries, lists, budget, notes)
+    """Plan one call (see the module docstring); draws on ``budget`` once per list and once for pairs.
 
-    allowed = ~lists & (shift.pair_routing_allowed(assignment) if shift is not None else True)
-    decision = policy.decide(student, np.asarray(ood_scores, np.float64), allowed)
+    ``gains`` (the bundle's grade gains; default 0, 1, 2, ...) turn the student's probabilities into
+    the expected relevance that picks a list's head."""
+    n = len(queries)
+    notes = [""] * n
+    student = softmax(logits, temperature)
+    if shift is None:
+        assignment = QueryAssignment(np.full(n, -1, np.intp), np.zeros(n))
+        grades = np.asarray(logits).argmax(axis=1) if n else np.zeros(0, np.intp)
+        lists, allowed, urgency = np.zeros(n, bool), np.ones(n, bool), None
+    else:
+        assignment = shift.assign(queries)
+        decision_logits = shift.decision_logits(logits, assignment.kind)  # once: grades and urgency
+        grades = decision_logits.argmax(axis=1) if n else np.zeros(0, np.intp)
+        weights = (
+            np.arange(student.shape[1], dtype=np.float64) if gains is None else np.asarray(gains, np.float64)
+        )
+        relevance = np.einsum("nc,c->n", student, weights, optimize=False)  # no BLAS pool: see ood.py
+        lists = shift.list_candidates(assignment, queries, relevance)
+        allowed = ~lists & shift.pair_routing_allowed(assignment)
+        share = budget.pair_share(shift.reserve_pairs) if budget is not None else None
+        urgency = shift.margin_urgency(decision_logits, share)
+    list_routed = _route_lists(queries, lists, budget, notes)
+    decision = policy.decide(student, np.asarray(ood_scores, np.float64), allowed, urgency=urgency)
     pairs = decision.routed
     for i in np.flatnonzero(decision.candidate & ~pairs):
         notes[i] = NOTE_CALL_BUDGET

@@ -11,20 +11,24 @@ given here, never on test data:
 2. the student's logit bias on that kind's queries, by macro-F1 on their graded pairs (a small grid,
    the smallest correction within 0.005 of the best); the in-distribution rest gets its own, fitted
    on its own graded pairs (:func:`fit_in_distribution_bias`);
-3. ``route_lists``, by expected gain (:func:`lists_pay`): a routed pair's answer minus the
-   corrected student's on that kind's queries, for both jobs a grader does — ranking (per-query
-   NDCG@10) and grading (macro-F1 of the corrected grade decisions) — with one bootstrap over
-   queries for both. Lists are routed when a gain is established (the interval of either job's
-   gain or of their sum lies above zero) and neither job's mean gain is negative: a teacher that
-   grades far better but ranks worse in expectation keeps the lists on the student, and so does
-   one whose gains are noise;
-4. ``route_pairs``: whether per-pair uncertainty routing at the bundle's threshold raises macro-F1
-   there without lowering NDCG@10.
+3. ``list_top_k``, the routed head of a list (:func:`choose_list_top_k`): the smallest head, in
+   the student's ranking, whose ranking gain is the whole list's (within ``TOP_K_TOLERANCE``);
+4. ``route_lists``, by expected gain (:func:`lists_pay`): the answer a list gets (its head routed)
+   minus the corrected student's on that kind's queries, for both jobs a grader does — ranking
+   (per-query NDCG@10) and grading (macro-F1 of the corrected grade decisions) — with one
+   bootstrap over queries for both. Lists are routed when a gain is established (the interval of
+   either job's gain or of their sum lies above zero) and neither job's mean gain is negative: a
+   teacher that grades far better but ranks worse in expectation keeps the lists on the student,
+   and so does one whose gains are noise;
+5. ``route_pairs``: whether per-pair routing of the pairs outside the head (at the bundle's
+   ``pair_margin_threshold``, or its policy's ``error_threshold`` for older bundles) raises
+   macro-F1 there without lowering NDCG@10.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import product
@@ -45,7 +49,15 @@ from darl_lite.gain_evidence import (
 )
 from darl_lite.metrics import auroc, macro_f1
 from darl_lite.shift import fit_query_shift
-from darl_lite.shift_routing import DEFAULT_TEACHER_WEIGHT, ShiftKind, ShiftRouting
+from darl_lite.shift_routing import (
+    DEFAULT_TEACHER_WEIGHT,
+    ShiftKind,
+    ShiftRouting,
+    decision_margins,
+    list_heads,
+    margin_quantiles,
+    margin_threshold_for_rate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +65,12 @@ L2_GRID: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
 BIAS_GRID: tuple[float, ...] = tuple(np.round(np.arange(-1.0, 3.01, 0.25), 2).tolist())
 #: Fold draws averaged when choosing the answer that grades routed pairs (:func:`choose_grade_weight`).
 GRADE_WEIGHT_SEEDS = 5
+#: Heads of a shifted list (pairs, in the student's ranking) :func:`choose_list_top_k` considers.
+TOP_K_GRID: tuple[int, ...] = (10, 20, 30, 40, 50, 60, 80, 100)
+#: A head keeps the whole list's ranking gain when its mean NDCG@10 gain is at most this much lower.
+TOP_K_TOLERANCE = 0.005
+#: The share of in-distribution dev pairs per-pair routing wants, for bundles that name none.
+DEFAULT_PAIR_ROUTE_RATE = 0.10
 
 
 def choose_l2(
@@ -182,6 +200,44 @@ def choose_grade_weight(
     return best, scores
 
 
+def choose_list_top_k(
+    ev: GradedEvidence,
+    grid: Sequence[int] = TOP_K_GRID,
+    tolerance: float = TOP_K_TOLERANCE,
+) -> tuple[int | None, dict[str, float]]:
+    """The routed head of a kind's lists: the smallest ``K`` of ``grid`` whose mean per-query
+    NDCG@10 gain (the head answered as a routed pair is, the rest by the student) is within
+    ``tolerance`` of the whole list's; None (the whole list) when none is, or when no list is longer
+    than ``K``. Also every K's mean gain, for the record.
+
+    Reranking the cheap model's top candidates with the expensive one is the classic cascade: the
+    ranking gain lives at the top of the list. Measured on the shipped ood_dev (17 queries of 55–374
+    pairs), the student's top 50 kept the whole list's gain (+0.048 of +0.048) at 46% of its pairs;
+    the top 30 kept +0.021. The budget a list's tail would have cost goes to per-pair routing.
+    """
+    student = softmax(ev.student_logits, ev.temperature)
+    answer = ev.answer()
+    relevance = student @ np.asarray(ev.gains, np.float64)
+    base = per_query_ndcg(student, ev.grades, ev.queries, ev.gains)
+
+    def mean_gain(head: NDArray[np.bool_]) -> float:
+        ndcg = per_query_ndcg(np.where(head[:, None], answer, student), ev.grades, ev.queries, ev.gains)
+        return float(np.mean([ndcg[q] - base[q] for q in base]))
+
+    whole = mean_gain(np.ones(len(ev.queries), bool))
+    scores = {"whole": round(whole, 4)}
+    longest = max(Counter(ev.queries).values(), default=0)
+    chosen: int | None = None
+    for k in sorted(grid):
+        if k >= longest:
+            break
+        gain = mean_gain(list_heads(ev.queries, relevance, k))
+        scores[str(k)] = round(gain, 4)
+        if chosen is None and gain >= whole - tolerance:
+            chosen = k
+    return chosen, scores
+
+
 def fit_shift_kind(
     name: str,
     *,
@@ -190,11 +246,16 @@ def fit_shift_kind(
     evidence: GradedEvidence,
     evidence_is_kind: NDArray[np.bool_] | None = None,
     error_threshold: float = 1.0,
+    pair_margin_threshold: float | None = None,
     threshold: float = 0.5,
     seed: int = 0,
+    choose_head: bool = True,
 ) -> ShiftKind:
     """Fit one kind of shift (see the module docstring). ``evidence_is_kind`` marks the graded pairs
-    known to be of this kind (e.g. ood_dev against dev); None means all of them are."""
+    known to be of this kind (e.g. ood_dev against dev); None means all of them are. Per-pair
+    routing is judged at ``pair_margin_threshold`` on corrected decision margins when given (the
+    bundle's :attr:`ShiftRouting.pair_margin_threshold`), else at ``error_threshold`` on ``1 - max
+    p``. ``choose_head=False`` routes whole lists (no :func:`choose_list_top_k`)."""
     is_kind = (
         np.ones(len(evidence.queries), bool) if evidence_is_kind is None else np.asarray(evidence_is_kind)
     )
@@ -226,10 +287,19 @@ def fit_shift_kind(
     record.update({"grade_weight": grade_weight, "grade_weight_macro_f1": grade_scores})
     teacher = evidence.teacher_view(grade_weight)
     fallback_bias, t_before, t_after = fit_logit_bias(teacher.subset(assigned))
-    decided = (evidence.student_logits + _cross_fitted_bias(evidence, assigned, seed)).argmax(axis=1)
+    decision_logits = evidence.student_logits + _cross_fitted_bias(evidence, assigned, seed)
+    decided = decision_logits.argmax(axis=1)
     teacher_decided = (teacher.student_logits + _cross_fitted_bias(teacher, assigned, seed)).argmax(axis=1)
     ev = evidence.subset(assigned)
-    record.update(_gain_evidence(ev, decided[assigned], teacher_decided[assigned], error_threshold, seed))
+    top_k, top_k_gains = choose_list_top_k(ev) if choose_head else (None, {})
+    record.update({"list_top_k": top_k, "list_top_k_ndcg_gain": top_k_gains})
+    if pair_margin_threshold is not None:
+        urgency = pair_margin_threshold - decision_margins(decision_logits[assigned])
+        record["pair_margin_threshold"] = pair_margin_threshold
+    else:
+        student = softmax(ev.student_logits, ev.temperature)
+        urgency = (1.0 - student.max(axis=1)) - error_threshold
+    record.update(_gain_evidence(ev, decided[assigned], teacher_decided[assigned], urgency, top_k, seed))
     record.update(
         {
             "logit_bias_macro_f1": [round(f1_before, 4), round(f1_after, 4)],
@@ -238,7 +308,8 @@ def fit_shift_kind(
     )
     route_lists = lists_pay(record)
     route_pairs = record["pair_routing_macro_f1_gain"] > 0.0 and record["pair_routing_ndcg_gain"] >= 0.0
-    record["decision"] = ("route whole lists" if route_lists else "keep lists on the student") + (
+    head = "whole lists" if top_k is None else f"the top {top_k} of each list"
+    record["decision"] = (f"route {head}" if route_lists else "keep lists on the student") + (
         "; per-pair routing on" if route_pairs else "; per-pair routing off"
     )
     return ShiftKind(
@@ -252,6 +323,7 @@ def fit_shift_kind(
         pool,
         fallback_bias if any(fallback_bias) else None,
         None if grade_weight == evidence.teacher_weight else grade_weight,
+        top_k if route_lists else None,
     )
 
 
@@ -304,25 +376,36 @@ def _gain_evidence(
     ev: GradedEvidence,
     decided: NDArray[np.intp],
     teacher_decided: NDArray[np.intp],
-    error_threshold: float,
+    urgency: NDArray[np.float64],
+    top_k: int | None,
     seed: int,
 ) -> dict[str, Any]:
-    """Teacher minus student on these pairs: per query NDCG@10 (with an interval) and macro-F1.
+    """A routed list minus the student on these pairs: per query NDCG@10 (with an interval) and
+    macro-F1; then per-pair routing of the pairs outside the list's head on top of it.
 
-    Each ranks by its probabilities and grades by its prior-corrected decisions (``decided``,
-    ``teacher_decided``, cross-fitted); per-pair routing is judged at the bundle's ``error_threshold``.
+    A list answers its head (its ``top_k`` pairs the student ranks highest; None: every pair) as a
+    routed pair is, the rest by the student. Each ranks by its probabilities and grades by its
+    prior-corrected decisions (``decided``, ``teacher_decided``, cross-fitted); per-pair routing
+    sends the pairs outside the head with ``urgency`` > 0.
     """
-    student, answer = softmax(ev.student_logits, ev.temperature), ev.answer()
+    student, routed_answer = softmax(ev.student_logits, ev.temperature), ev.answer()
+    queries = list(ev.queries)
+    head = list_heads(queries, student @ np.asarray(ev.gains, np.float64), top_k)
+    answer = np.where(head[:, None], routed_answer, student)
+    listed_decided = np.where(head, teacher_decided, decided)
     s_ndcg = per_query_ndcg(student, ev.grades, ev.queries, ev.gains)
     t_ndcg = per_query_ndcg(answer, ev.grades, ev.queries, ev.gains)
-    queries = list(ev.queries)
     s_rep = graded_report(student, decided, ev.grades, queries, ev.gains)
-    t_rep = graded_report(answer, teacher_decided, ev.grades, queries, ev.gains)
-    routed = (1.0 - student.max(axis=1)) > error_threshold
-    mixed = np.where(routed[:, None], answer, student)
-    m_rep = graded_report(mixed, np.where(routed, teacher_decided, decided), ev.grades, queries, ev.gains)
+    t_rep = graded_report(answer, listed_decided, ev.grades, queries, ev.gains)
+    # per-pair routing on top of the list answer, outside the head (a whole list leaves no pair
+    # outside it: then judged on its own, against the student, for lists the budget refuses)
+    whole = bool(head.all())
+    base, base_decided, base_rep = (student, decided, s_rep) if whole else (answer, listed_decided, t_rep)
+    # (a pair routed on its own takes the routed answer's grade; its list keeps its ranking)
+    routed = (np.ones_like(head) if whole else ~head) & (np.asarray(urgency) > 0.0)
+    m_rep = graded_report(base, np.where(routed, teacher_decided, base_decided), ev.grades, queries, ev.gains)
     gains = {q: t_ndcg[q] - s_ndcg[q] for q in s_ndcg}
-    ci = bootstrap_gains(gains, ev.grades, decided, teacher_decided, queries, answer.shape[1], seed=seed)
+    ci = bootstrap_gains(gains, ev.grades, decided, listed_decided, queries, answer.shape[1], seed=seed)
     ndcg_gain, f1_gain = float(np.mean(list(gains.values()))), t_rep["macro_f1"] - s_rep["macro_f1"]
     return {
         "pairs": len(ev.queries),
@@ -334,10 +417,22 @@ def _gain_evidence(
         "macro_f1_gain_ci90": [round(v, 4) for v in ci.macro_f1],
         "combined_gain": round(ndcg_gain + f1_gain, 4),
         "combined_gain_ci90": [round(v, 4) for v in ci.combined],
+        "list_share": round(float(head.mean()), 4),
         "pair_routing_rate": round(float(routed.mean()), 4),
-        "pair_routing_macro_f1_gain": round(m_rep["macro_f1"] - s_rep["macro_f1"], 4),
-        "pair_routing_ndcg_gain": round(m_rep["ndcg@10"] - s_rep["ndcg@10"], 4),
+        "pair_routing_macro_f1_gain": round(m_rep["macro_f1"] - base_rep["macro_f1"], 4),
+        "pair_routing_ndcg_gain": round(m_rep["ndcg@10"] - base_rep["ndcg@10"], 4),
     }
+
+
+def pair_margin_threshold_for(
+    in_distribution: GradedEvidence, rate: float
+) -> tuple[float, tuple[tuple[float, float], ...]]:
+    """The ``pair_margin_threshold`` that makes a share ``rate`` of these in-distribution dev pairs
+    per-pair candidates, and their margins at every share (``pair_margin_quantiles``), on their
+    decision margins after their own grade-prior correction (the correction
+    :func:`fit_in_distribution_bias` fits on the same pairs)."""
+    decision = in_distribution.student_logits + np.asarray(fit_logit_bias(in_distribution)[0])
+    return margin_threshold_for_rate(decision, rate), margin_quantiles(decision)
 
 
 def write_with_shift_routing(bundle: Any, shift: Any, out_dir: str, *, overwrite: bool = False) -> Any:
@@ -387,7 +482,10 @@ def fit_pool_kind(
     in-distribution dev pairs and graded dev pairs of the shifted traffic, with ``teacher``'s grades
     (any object with ``predict_proba(pairs)``) for them, blended with the student's by
     ``teacher_weight`` as a routed pair's answer is (every decision and correction is fitted on
-    the answer a node serves).
+    the answer a node serves). Per-pair routing's margin threshold asks for the bundle's
+    ``routing.target_route_rate`` of the in-distribution dev pairs without a window budget, and for
+    what the budget affords with one (``pair_margin_quantiles``). ``list_reserve_pairs`` is capped
+    at the kind's routed head.
     """
     from darl_lite.inference import SessionConfig
     from darl_lite.scorer import Scorer
@@ -403,6 +501,8 @@ def fit_pool_kind(
     ).answered_with(teacher_weight)
     reference = sorted(set(train_queries))
     is_kind = np.r_[np.zeros(len(dev_pairs), bool), np.ones(len(shifted_dev_pairs), bool)]
+    rate = float(bundle.manifest.get("routing", {}).get("target_route_rate", DEFAULT_PAIR_ROUTE_RATE))
+    margin_threshold, quantiles = pair_margin_threshold_for(evidence.subset(~is_kind), rate)
     kind = fit_shift_kind(
         name,
         reference_queries=reference,
@@ -410,10 +510,18 @@ def fit_pool_kind(
         evidence=evidence,
         evidence_is_kind=is_kind,
         error_threshold=scorer.routing.error_threshold,
+        pair_margin_threshold=margin_threshold,
     )
     logger.info("shift kind %r: %s", kind.name, kind.evidence.get("decision"))
+    # the reserve need only cover one routed head: a larger one starves per-pair routing
+    reserve = list_reserve_pairs if kind.list_top_k is None else min(list_reserve_pairs, kind.list_top_k)
     shift = ShiftRouting(
-        (kind,), tuple(reference), list_reserve_pairs=list_reserve_pairs, teacher_weight=teacher_weight
+        (kind,),
+        tuple(reference),
+        list_reserve_pairs=reserve,
+        teacher_weight=teacher_weight,
+        pair_margin_threshold=margin_threshold,
+        pair_margin_quantiles=quantiles,
     )
     correction = fit_in_distribution_bias(evidence, shift, is_kind)
     shift = replace(
@@ -428,8 +536,11 @@ def fit_pool_kind(
 
 __all__ = [
     "BIAS_GRID",
+    "DEFAULT_PAIR_ROUTE_RATE",
     "GRADE_WEIGHT_SEEDS",
     "L2_GRID",
+    "TOP_K_GRID",
+    "TOP_K_TOLERANCE",
     "GainIntervals",
     "GradedEvidence",
     "InDistributionCorrection",
@@ -437,6 +548,7 @@ __all__ = [
     "bootstrap_mean_interval",
     "choose_grade_weight",
     "choose_l2",
+    "choose_list_top_k",
     "fit_in_distribution_bias",
     "fit_logit_bias",
     "fit_pool_kind",
@@ -444,6 +556,7 @@ __all__ = [
     "graded_evidence",
     "graded_report",
     "lists_pay",
+    "pair_margin_threshold_for",
     "per_query_ndcg",
     "write_with_shift_routing",
 ]

@@ -37,8 +37,9 @@ from darl_lite.types import Pair
 
 #: ``student``: the student as a node serves it alone (its bundle's grade corrections applied);
 #: ``teacher``: the teacher alone, its own argmax grades; ``all_routed``: every pair routed and
-#: answered as a node answers a routed pair (blended with the student, corrected); ``random``: the
-#: served student with a random B of pairs routed and answered that way; ``uncertainty``: last
+#: answered as a node answers a routed list (blended with the student, corrected); ``random``: the
+#: served student with a random B of pairs routed one by one and answered as a node answers those
+#: (the routed answer's grade, the student's probabilities: one model ranks a list); ``uncertainty``: last
 #: round's per-pair router, blind to shift, the teacher's uncorrected answers; ``cascade``: the
 #: bundle's distribution-aware routing (:func:`darl_lite.cascade.plan_call`).
 CONTENDERS: tuple[str, ...] = ("student", "teacher", "all_routed", "random", "uncertainty", "cascade")
@@ -132,12 +133,12 @@ def run_stream(
         return StreamResult(teacher.copy(), teacher.argmax(1), ~none, none)
     if contender == "all_routed":
         return StreamResult(answer.copy(), answer_grades, ~none, none)
-    if contender == "random":
+    if contender == "random":  # pairs routed one by one, answered as a node answers them
         routed = none.copy()
         k = int(np.floor(budget_fraction * len(rows)))
         routed[np.random.default_rng(seed).choice(len(rows), size=min(k, len(rows)), replace=False)] = True
-        mixed = np.where(routed[:, None], answer, student)
-        return StreamResult(mixed, np.where(routed, answer_grades, served), routed, none)
+        probs = student if shift is not None else np.where(routed[:, None], answer, student)
+        return StreamResult(probs, np.where(routed, answer_grades, served), routed, none)
     clock = [0.0]
     served_requests = [*warm_up, *requests]
     budget = RouteBudget(budget_fraction, window_s=len(served_requests) + 1.0, clock=lambda: clock[0])
@@ -152,6 +153,7 @@ def run_stream(
             policy=policy,
             shift=shift if contender == "cascade" else None,
             budget=budget,
+            gains=data.gains,
         )
         decided, probs = plan.grades.copy(), plan.student.copy()
         probs[plan.routed], decided[plan.routed] = plan.fallback_answer(
@@ -231,6 +233,16 @@ def evaluate_mixed(
                 diffs = [a[1] - b[1] for a, b in zip(per_query[c], per_query["student"], strict=True)]
                 lo, hi = bootstrap_mean_interval(diffs, seed=seed)
                 summary[c]["ndcg_vs_student"] = {"mean": float(np.mean(diffs)), "ci90": [lo, hi]}
+                # paired overall macro-F1 difference to random routing, draw by draw (same streams)
+                f1 = [
+                    a["overall"]["macro_f1"] - b["overall"]["macro_f1"]
+                    for a, b in zip(per[c], per["random"], strict=True)
+                ]
+                summary[c]["f1_vs_random"] = {
+                    "mean": float(np.mean(f1)),
+                    "min": float(min(f1)),
+                    "max": float(max(f1)),
+                }
             rows_out.append(
                 {"share": share, "budget": budget, "draws": draws, "warm_up": warm_up, "contenders": summary}
             )
@@ -350,11 +362,12 @@ def mixed_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     lines = [
         "Mixed traffic: shifted queries carry a share s of the pairs; budget B of the stream's pairs; "
         f"{state}; mean ± sd over draws; ΔNDCG = paired per-query NDCG@10 difference to the student, "
-        "90% interval.",
+        "90% interval; ΔF1 vs random = paired overall macro-F1 difference to random routing on the same "
+        "streams, mean over draws [smallest, largest].",
         "",
         "| s | B | contender | route rate | shifted lists | F1 all | NDCG all | F1 in-dist | NDCG in-dist "
-        "| F1 shifted | NDCG shifted | ΔNDCG vs student |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| F1 shifted | NDCG shifted | ΔNDCG vs student | ΔF1 all vs random [min, max] |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         for name, m in row["contenders"].items():
@@ -364,11 +377,13 @@ def mixed_table(rows: Sequence[dict[str, Any]]) -> list[str]:
                     v = m.get(part, {}).get(key)
                     cells.append(f"{v['mean']:.3f} ± {v['sd']:.3f}" if v else "–")
             d = m["ndcg_vs_student"]
+            r = m.get("f1_vs_random")
+            vs_random = f"{r['mean']:+.4f} [{r['min']:+.4f}, {r['max']:+.4f}]" if r else "–"
             lines.append(
                 f"| {row['share']:.0%} | {row['budget']:.0%} | {name} | {m['route_rate']['mean']:.1%} "
                 f"| {m['shifted_queries_listed']['mean']:.0%} | "
                 + " | ".join(cells)
-                + f" | {d['mean']:+.3f} [{d['ci90'][0]:+.3f}, {d['ci90'][1]:+.3f}] |"
+                + f" | {d['mean']:+.3f} [{d['ci90'][0]:+.3f}, {d['ci90'][1]:+.3f}] | {vs_random} |"
             )
     return lines
 

@@ -85,22 +85,24 @@ def refit_routing(
         pool_queries=sorted({*queries, *unlabeled_queries}),
         evidence=evidence,
         error_threshold=scorer.routing.error_threshold,
+        pair_margin_threshold=shift.pair_margin_threshold,
         seed=seed,
     )
     from darl_lite.calibration import softmax
 
     student = softmax(evidence.student_logits, scorer.temperature)
+    refitted = shift.with_kind(kind)  # keeps the in-distribution correction
+    urgency = refitted.pair_urgency(evidence.student_logits, refitted.assign(queries).kind)
     curve = route_curve(
         student,
         evidence.answer(),  # the answers routed pairs get
-        scorer.routing.urgency(student, np.zeros(len(pairs))),
+        scorer.routing.urgency(student, np.zeros(len(pairs))) if urgency is None else urgency,
         evidence.grades,
         queries,
         gains=scorer.bundle.grade_gains,
         seed=seed,
         random_repeats=5,
     )
-    refitted = shift.with_kind(kind)  # keeps the in-distribution correction
     bundle = write_with_shift_routing(scorer.bundle, refitted, str(out_dir), overwrite=overwrite)
     logger.info(
         "refit %s -> %s: kind %r: %s", bundle_dir, bundle.directory, kind.name, kind.evidence["decision"]

@@ -116,19 +116,26 @@ class RoutingPolicy:
         probabilities: NDArray[np.floating],
         ood_scores: NDArray[np.floating],
         allowed: NDArray[np.bool_] | None = None,
+        *,
+        urgency: NDArray[np.floating] | None = None,
     ) -> RoutingDecision:
         """Candidates and the routed subset for one call's pairs: the most urgent within budget.
 
         ``allowed`` masks the pairs this policy may consider (the others are already decided, e.g.
         sent as a whole shifted list); the per-call cap still counts every pair of the call.
+        ``urgency`` replaces the rule's own (e.g. the shift routing's corrected decision margins,
+        :meth:`darl_lite.shift_routing.ShiftRouting.pair_urgency`); the cap applies as before.
         """
-        urgency = self.urgency(probabilities, ood_scores)
-        candidate = urgency > 0.0 if allowed is None else (urgency > 0.0) & allowed
-        budget = int(np.floor(self.max_route_fraction * len(urgency) + 1e-9))
+        given = self.urgency(probabilities, ood_scores) if urgency is None else urgency
+        scores: NDArray[np.float64] = np.asarray(given, np.float64)
+        if scores.shape != (len(probabilities),):
+            raise InputError(f"urgency has shape {scores.shape}; expected ({len(probabilities)},)")
+        candidate = scores > 0.0 if allowed is None else (scores > 0.0) & allowed
+        budget = int(np.floor(self.max_route_fraction * len(scores) + 1e-9))
         routed = candidate
         if candidate.sum() > budget:
-            routed = most_urgent(urgency, candidate, budget)
-        return RoutingDecision(candidate=candidate, routed=routed, urgency=urgency)
+            routed = most_urgent(scores, candidate, budget)
+        return RoutingDecision(candidate=candidate, routed=routed, urgency=scores)
 
 
 def _error_threshold_from_margin(routing: Mapping[str, Any]) -> float:

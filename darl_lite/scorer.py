@@ -50,8 +50,11 @@ class PairScore:
     grade: int  # the most probable grade (for a shifted query: after its kind's prior correction)
     ood_score: float  # higher = further from the training distribution
     routed: bool  # the pair was sent to the LLM (or would be, with no fallback)
-    #: who produced ``probabilities``: "llm" when the LLM answered (blended with the student by the
-    #: bundle's shift routing ``teacher_weight``, 1.0 = the LLM alone)
+    #: "llm" when the LLM answered: ``grade`` comes from its answer (blended with the student's by the
+    #: bundle's shift routing ``teacher_weight``, 1.0 = the LLM alone), and so do ``probabilities``
+    #: for the pairs of a routed list head; a pair routed on its own keeps the student's
+    #: ``probabilities`` (they rank its list, and one model ranks a list) under a bundle with shift
+    #: routing, the LLM's answer without one
     source: Literal["student", "llm"]
     truncated: bool  # the pair was cut to the bundle's max_length
     note: str = ""  # why the student's answer stands where routing wanted the LLM
@@ -267,6 +270,7 @@ class Scorer:
             policy=self.routing,
             shift=self.shift,
             budget=self.budget,
+            gains=self.gains,
         )
         student, notes, routed = plan.student, plan.notes, plan.routed
         n = len(queries)

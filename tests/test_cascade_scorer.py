@@ -141,6 +141,12 @@ def test_mixed_report_compares_every_contender(
     assert set(row["contenders"]) == set(CONTENDERS)
     cascade = row["contenders"]["cascade"]
     assert cascade["shifted_queries_listed"]["mean"] > 0  # half the stream's pairs may go: lists do
+    # the paired difference to random routing, draw by draw, on the same streams
+    assert row["contenders"]["random"]["f1_vs_random"] == {"mean": 0.0, "min": 0.0, "max": 0.0}
+    vs = cascade["f1_vs_random"]
+    assert vs["min"] <= vs["mean"] <= vs["max"]
+    gap = cascade["overall"]["macro_f1"]["mean"] - row["contenders"]["random"]["overall"]["macro_f1"]["mean"]
+    assert vs["mean"] == pytest.approx(gap, abs=1e-12)
     teacher_row = report["streams"][1]["contenders"]["teacher"]
     assert teacher_row["route_rate"]["mean"] == 1.0
 
@@ -275,3 +281,46 @@ def test_a_warm_budget_window_routes_lists_a_cold_one_cannot(
     assert listed["warm"] > listed["cold"]
     # the student's answers do not depend on the budget window
     assert warm["contenders"]["student"]["overall"] == cold["contenders"]["student"]["overall"]
+
+
+def test_a_lone_routed_pair_takes_the_teacher_s_grade_and_its_list_keeps_the_student_s_ranking(
+    tiny_bundle_dir: Path, splits: Splits, teacher: FileTeacher, tmp_path: Path
+) -> None:
+    """Per-pair routing answers the grade; only a routed list head is ranked by the blend, so a list
+    is never ranked by two models' scales. A shifted list sends its head of ``list_top_k`` pairs."""
+    from darl_lite.routing import RoutingPolicy
+    from darl_lite.types import Pair
+
+    reference = sorted({p.query for p in splits.train})
+    detector = fit_query_shift(reference, sorted({p.query for p in splits.ood_train}))
+    kind = ShiftKind("questions", detector, 0.5, route_lists=True, route_pairs=False, list_top_k=3)
+    # a margin threshold no pair reaches: every in-distribution pair is a per-pair candidate
+    shift = ShiftRouting(
+        (kind,), tuple(reference), list_reserve_pairs=0, teacher_weight=0.5, pair_margin_threshold=1e3
+    )
+    directory = write_with_shift_routing(load_bundle(tiny_bundle_dir), shift, str(tmp_path / "b")).directory
+    assert load_bundle(directory).manifest["routing"]["shift"][0]["list_top_k"] == 3
+    scorer = Scorer.load(
+        directory, fallback=teacher_fallback(teacher), routing=RoutingPolicy(max_route_fraction=1.0)
+    )
+
+    keyword, its = _query_pairs(splits, "id_test")
+    alone = scorer.score_arrays([keyword] * len(its), its)
+    probs = np.asarray(teacher.predict_proba([Pair(keyword, i) for i in its]))
+    assert alone.from_llm.all() and not alone.list_routed.any()
+    np.testing.assert_array_equal(alone.probabilities, alone.student_probabilities)  # the ranking
+    blend = 0.5 * probs + 0.5 * alone.student_probabilities
+    assert alone.grades.tolist() == blend.argmax(1).tolist()  # the grade: the routed answer's
+
+    query, items = _query_pairs(splits, "ood_test")
+    listed = scorer.score_arrays([query] * len(items), items)
+    head = np.argsort(-(listed.student_probabilities @ np.asarray(scorer.gains)), kind="stable")[:3]
+    assert np.flatnonzero(listed.list_routed).tolist() == sorted(head.tolist())
+    probs = np.asarray(teacher.predict_proba([Pair(query, i) for i in items]))
+    expected = np.where(
+        listed.list_routed[:, None],
+        0.5 * probs + 0.5 * listed.student_probabilities,
+        listed.student_probabilities,
+    )
+    np.testing.assert_allclose(listed.probabilities, expected, atol=1e-6)
+    assert listed.from_llm.sum() == 3  # the tail stays with the student: route_pairs is off there

@@ -15,16 +15,25 @@ from darl_lite.cascade_fit import (
     bootstrap_gains,
     bootstrap_mean_interval,
     choose_grade_weight,
+    choose_list_top_k,
     fit_in_distribution_bias,
     fit_logit_bias,
     fit_shift_kind,
     lists_pay,
+    pair_margin_threshold_for,
 )
 from darl_lite.errors import BundleError, InputError
 from darl_lite.metrics import auroc, macro_f1
 from darl_lite.routing import RoutingPolicy
 from darl_lite.shift import QueryShiftDetector, fit_query_shift, query_tokens
-from darl_lite.shift_routing import ShiftKind, ShiftRouting
+from darl_lite.shift_routing import (
+    ShiftKind,
+    ShiftRouting,
+    decision_margins,
+    list_heads,
+    margin_quantiles,
+    margin_threshold_for_rate,
+)
 
 
 def _queries(splits, name: str) -> list[str]:  # type: ignore[no-untyped-def]
@@ -283,6 +292,22 @@ def test_fit_shift_kind_routes_lists_only_where_the_teacher_ranks_better(splits)
     )
     assert kind.route_lists and kind.evidence["ndcg_gain_ci90"][0] > 0
     assert kind.evidence["query_auroc"] >= 0.9
+    # the head chosen keeps the whole list's ranking gain, and the evidence is the head's
+    gains = kind.evidence["list_top_k_ndcg_gain"]
+    if kind.list_top_k is not None:
+        assert gains[str(kind.list_top_k)] >= gains["whole"] - 0.005
+        assert kind.evidence["list_share"] < 1.0
+    margin = fit_shift_kind(
+        "questions",
+        reference_queries=_queries(splits, "train"),
+        pool_queries=_queries(splits, "ood_train"),
+        evidence=ev,
+        evidence_is_kind=is_kind,
+        pair_margin_threshold=0.4,
+        choose_head=False,
+    )
+    assert margin.list_top_k is None and margin.evidence["pair_margin_threshold"] == 0.4
+    assert margin.evidence["pair_routing_ndcg_gain"] == 0.0  # lone routed pairs never move the ranking
     bad = GradedEvidence(
         ev.queries, grades, np.eye(3)[grades] * 3.0, np.full((len(dev), 3), 1 / 3), 1.0, (0.0, 1.0, 2.0)
     )
@@ -384,3 +409,137 @@ def test_a_one_query_call_is_assigned_as_in_a_mixed_call() -> None:
         mixed = routing.assign([query, "a different query?", query, "laptop sleeve", query])
         assert alone.kind.tolist() == [mixed.kind[0]] * 3
         np.testing.assert_array_equal(alone.probability, np.full(3, mixed.probability[0]))
+
+
+def _headed(top_k: int | None, route_pairs: bool = False, margin: float | None = None) -> ShiftRouting:
+    base = _routing()
+    kind = dataclasses.replace(base.kinds[0], list_top_k=top_k, route_pairs=route_pairs)
+    return ShiftRouting((kind,), list_reserve_pairs=0, pair_margin_threshold=margin)
+
+
+def test_a_shifted_list_sends_its_head_the_student_ranks_highest() -> None:
+    queries = ["which shoe is best?"] * 6 + ["red shoes"] * 2
+    # expected relevance of the shifted pairs (gains 0, 1, 2): rows 1, 4 and 5 rank highest
+    logits = np.asarray(
+        [[3, 0, 0], [0, 0, 3], [3, 0, 0], [2, 1, 0], [0, 3, 0], [0, 0, 3], [3, 0, 0], [3, 0, 0]], float
+    )
+    plan = _plan(_headed(3), queries, logits=logits)
+    assert plan.list_routed.tolist() == [False, True, False, False, True, True, False, False]
+    whole = _plan(_headed(None), queries, logits=logits)
+    assert whole.list_routed.tolist() == [True] * 6 + [False] * 2
+    longer = _plan(_headed(10), queries, logits=logits)  # a list shorter than the head: all of it
+    assert longer.list_routed.tolist() == [True] * 6 + [False] * 2
+
+
+def test_list_heads_break_ties_in_input_order() -> None:
+    head = list_heads(["a", "a", "b", "a", "b"], np.asarray([1.0, 1.0, 0.0, 1.0, 0.5]), 2)
+    assert head.tolist() == [True, True, True, False, True]
+    assert list_heads(["a", "a"], np.asarray([0.0, 1.0]), None).all()
+
+
+def test_pairs_of_a_shifted_tail_may_be_routed_one_by_one_where_that_pays() -> None:
+    queries = ["which shoe is best?"] * 4
+    logits = np.asarray([[0, 0, 3], [2.0, 1.9, -3.0], [2.0, 1.9, -3.0], [3, 0, 0]], float)
+    off = _plan(_headed(1, route_pairs=False, margin=0.5), queries, logits=logits)
+    assert off.list_routed.tolist() == [True, False, False, False] and off.routed.sum() == 1
+    on = _plan(_headed(1, route_pairs=True, margin=0.5), queries, logits=logits)
+    # the tail's two pairs near their decision boundary (margin 0.1 < 0.5) go one by one
+    assert on.routed.tolist() == [True, True, True, False] and on.list_routed.sum() == 1
+
+
+def test_pair_urgency_follows_the_corrected_decision_margin() -> None:
+    routing = dataclasses.replace(_routing(in_bias=(0.0, 1.0, 0.0)), pair_margin_threshold=0.5)
+    logits = np.asarray([[2.0, 1.2, -3.0], [2.0, 0.0, -3.0], [1.0, 0.9, -3.0]])
+    kinds = np.asarray([-1, -1, -1])
+    margins = decision_margins(routing.decision_logits(logits, kinds))
+    np.testing.assert_allclose(margins, [0.2, 1.0, 0.9])  # the bias moved row 0 next to its boundary
+    urgency = routing.pair_urgency(logits, kinds)
+    assert urgency is not None and (urgency > 0).tolist() == [True, False, False]
+    # uncorrected, row 2 (margin 0.1) would have been the one; the correction says row 0
+    assert ShiftRouting(()).pair_urgency(logits, kinds) is None  # no threshold: the policy's urgency
+
+
+def test_the_margin_threshold_follows_the_share_the_budget_affords() -> None:
+    rng = np.random.default_rng(0)
+    dev_logits = rng.normal(0, 1.5, (2000, 3))
+    quantiles = margin_quantiles(dev_logits)
+    routing = ShiftRouting(
+        (), pair_margin_threshold=margin_threshold_for_rate(dev_logits, 0.1), pair_margin_quantiles=quantiles
+    )
+    kinds = np.full(2000, -1)
+    for share in (0.02, 0.1, 0.3):
+        urgency = routing.pair_urgency(dev_logits, kinds, share)
+        assert urgency is not None and (urgency > 0).mean() == pytest.approx(share, abs=0.006)
+    fixed = routing.pair_urgency(dev_logits, kinds)
+    assert fixed is not None and (fixed > 0).mean() == pytest.approx(0.1, abs=0.006)
+    assert routing.margin_threshold(-1.0) == quantiles[0][1]  # clipped to [0, 1]
+    with pytest.raises(InputError, match="rate"):
+        margin_threshold_for_rate(dev_logits, 0.0)
+
+
+def test_budget_pair_share_is_what_lists_leave_of_the_window() -> None:
+    budget = RouteBudget(0.1, window_s=100, clock=lambda: 0.0)
+    assert budget.pair_share() is None  # an empty window says nothing
+    budget.acquire(900, 0)
+    budget.acquire_list(100)  # asked, refused: still counted as list demand
+    # (0.1 * 1000 - 100) / 900: lists asked for the whole allowance
+    assert budget.pair_share() == 0.0
+    budget.acquire(1000, 0)
+    assert budget.pair_share() == pytest.approx((0.1 * 2000 - 100) / 1900)
+    assert budget.pair_share(reserve=50) == pytest.approx((0.1 * 2000 - 150) / 1900)
+
+
+def test_choose_list_top_k_takes_the_smallest_head_that_keeps_the_gain() -> None:
+    rng = np.random.default_rng(0)
+    n_queries, per = 12, 60
+    queries = [f"q{i // per}" for i in range(n_queries * per)]
+    grades = np.zeros(n_queries * per, np.int64)
+    student = rng.normal(0, 0.3, (len(grades), 3))
+    for q in range(n_queries):
+        rows = np.arange(q * per, (q + 1) * per)
+        grades[rows[:8]] = 2  # the relevant items...
+        student[rows[:20], 2] += 2.0  # ...sit in the student's top 20, in a noisy order
+    teacher = np.full((len(grades), 3), 0.05)
+    teacher[np.arange(len(grades)), grades] = 0.9  # the teacher orders them
+    ev = GradedEvidence(queries, grades, student, teacher, 1.0, (0.0, 1.0, 2.0), teacher_weight=0.5)
+    top_k, gains = choose_list_top_k(ev, grid=(10, 20, 30, 40))
+    assert top_k == 20 and gains["10"] < gains["whole"] - 0.005 <= gains["20"]
+    far = dataclasses.replace(ev, student_logits=-student)  # relevant items at the bottom: no head will do
+    assert choose_list_top_k(far, grid=(10, 20, 30, 40))[0] is None
+
+
+def test_heads_and_margins_round_trip_and_bad_values_are_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    routing = dataclasses.replace(
+        _headed(50, margin=0.3), pair_margin_quantiles=((0.0, 0.0), (0.5, 0.4), (1.0, 2.0))
+    )
+    path = tmp_path / "shift.json"
+    routing.save(str(path))
+    loaded = ShiftRouting.load(str(path))
+    assert loaded.kinds[0].list_top_k == 50 and loaded.pair_margin_threshold == 0.3
+    assert loaded.margin_threshold(0.25) == pytest.approx(0.2)
+    data = json.loads(path.read_text())
+    data["kinds"][0]["list_top_k"] = 0
+    path.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="list_top_k"):
+        ShiftRouting.load(str(path))
+    data["kinds"][0]["list_top_k"] = None
+    data["pair_margin_quantiles"] = [[0.5, 1.0], [0.0, 0.0]]
+    path.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="pair_margin_quantiles"):
+        ShiftRouting.load(str(path))
+    with pytest.raises(InputError, match="list_top_k"):
+        dataclasses.replace(routing.kinds[0], list_top_k=0)
+
+
+def test_pair_margin_threshold_for_asks_for_the_target_share_after_the_correction() -> None:
+    rng = np.random.default_rng(2)
+    grades = rng.integers(0, 3, 3000)
+    logits = np.eye(3)[grades] * 2.0 + rng.normal(0, 0.8, (3000, 3))
+    logits[:, 1] -= 2.0  # a prior the correction moves
+    ev = GradedEvidence(
+        [f"q{i // 50}" for i in range(3000)], grades, logits, np.eye(3)[grades], 1.0, (0.0, 1.0, 2.0)
+    )
+    threshold, quantiles = pair_margin_threshold_for(ev, 0.1)
+    corrected = logits + np.asarray(fit_logit_bias(ev)[0])
+    assert (decision_margins(corrected) < threshold).mean() == pytest.approx(0.1, abs=0.002)
+    assert quantiles[0][0] == 0.0 and quantiles[-1][0] == 1.0 and len(quantiles) == 101
