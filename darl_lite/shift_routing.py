@@ -6,13 +6,13 @@ traffic) with what was measured on graded dev pairs of that kind:
 
 * ``route_lists`` — the teacher is expected to beat the student on those queries: it wins ranking
   (NDCG@10) or grading (macro-F1) with evidence and is not expected to lose the other
-  (:func:`darl_lite.cascade_fit.lists_pay`). Then the head of such a query's list goes to the teacher
+  (:func:`darl_lite.list_evidence.lists_pay`). Then the head of such a query's list goes to the teacher
   as one block, before per-pair routing spends what the budget has left: one model ranks the part
   of the list a user sees.
 * ``list_top_k`` — how much of the list that block is: the student's ``list_top_k`` best pairs (by
   expected relevance), or the whole list (None). A cheap ranker picking the candidates an expensive
   one re-ranks is the classic cascade; the dev evidence chooses the smallest head that keeps the
-  whole list's ranking gain (:func:`darl_lite.cascade_fit.choose_list_top_k`), and the budget the
+  whole list's ranking gain (:func:`darl_lite.list_evidence.choose_list_top_k`), and the budget the
   tail would have cost goes to per-pair routing, where it buys more.
 * ``route_pairs`` — per-pair routing pays on that kind's pairs outside the routed head (off where
   the teacher is worse: sending its pairs to the teacher would lower quality).
@@ -60,8 +60,18 @@ from numpy.typing import NDArray
 
 from darl_lite.atomic import atomic_write_json
 from darl_lite.calibration import log_probabilities
+from darl_lite.decision_margin import decision_margins, list_heads
 from darl_lite.errors import BundleError, InputError
 from darl_lite.shift import QueryShiftDetector
+from darl_lite.shift_fields import (
+    bias_from_json,
+    bias_json,
+    check_weight,
+    optional_float,
+    optional_weight,
+    quantiles_from_json,
+    weight_from_json,
+)
 
 FORMAT = "darl-lite/shift-routing/1"
 #: The teacher's weight in a routed pair's answer of newly fitted bundles (files without one: 1.0).
@@ -91,7 +101,7 @@ class ShiftKind:
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
             raise InputError(f"shift kind {self.name!r}: threshold must lie in (0, 1), got {self.threshold}")
-        _check_weight(self.grade_weight, f"shift kind {self.name!r}: grade_weight")
+        check_weight(self.grade_weight, f"shift kind {self.name!r}: grade_weight")
         if self.list_top_k is not None and (isinstance(self.list_top_k, bool) or self.list_top_k < 1):
             raise InputError(
                 f"shift kind {self.name!r}: list_top_k must be a positive number of pairs or None "
@@ -104,8 +114,8 @@ class ShiftKind:
             "threshold": self.threshold,
             "route_lists": self.route_lists,
             "route_pairs": self.route_pairs,
-            "logit_bias": _bias_json(self.logit_bias),
-            "fallback_bias": _bias_json(self.fallback_bias),
+            "logit_bias": bias_json(self.logit_bias),
+            "fallback_bias": bias_json(self.fallback_bias),
             "grade_weight": self.grade_weight,
             "list_top_k": self.list_top_k,
             "evidence": dict(self.evidence),
@@ -122,11 +132,11 @@ class ShiftKind:
                 threshold=float(data["threshold"]),
                 route_lists=bool(data["route_lists"]),
                 route_pairs=bool(data.get("route_pairs", True)),
-                logit_bias=_bias_from_json(data.get("logit_bias"), source),
+                logit_bias=bias_from_json(data.get("logit_bias"), source),
                 evidence=dict(data.get("evidence") or {}),
                 pool_queries=tuple(str(q) for q in data.get("pool_queries") or ()),
-                fallback_bias=_bias_from_json(data.get("fallback_bias"), source),
-                grade_weight=_optional_weight(data.get("grade_weight"), source),
+                fallback_bias=bias_from_json(data.get("fallback_bias"), source),
+                grade_weight=optional_weight(data.get("grade_weight"), source),
                 list_top_k=None if data.get("list_top_k") is None else int(data["list_top_k"]),
             )
         except (KeyError, TypeError, ValueError, InputError) as exc:
@@ -165,8 +175,8 @@ class ShiftRouting:
     pair_margin_quantiles: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
-        _check_weight(self.teacher_weight, "teacher_weight")
-        _check_weight(self.in_distribution_grade_weight, "in_distribution_grade_weight")
+        check_weight(self.teacher_weight, "teacher_weight")
+        check_weight(self.in_distribution_grade_weight, "in_distribution_grade_weight")
         if self.pair_margin_threshold is not None and not np.isfinite(self.pair_margin_threshold):
             raise InputError(
                 f"pair_margin_threshold must be a finite number, got {self.pair_margin_threshold}"
@@ -306,8 +316,8 @@ class ShiftRouting:
         return {
             "teacher_weight": self.teacher_weight,
             "in_distribution_grade_weight": self.in_distribution_grade_weight,
-            "in_distribution_bias": _bias_json(self.in_distribution_bias),
-            "in_distribution_fallback_bias": _bias_json(self.in_distribution_fallback_bias),
+            "in_distribution_bias": bias_json(self.in_distribution_bias),
+            "in_distribution_fallback_bias": bias_json(self.in_distribution_fallback_bias),
             "in_distribution_evidence": dict(self.in_distribution_evidence),
             "pair_margin_threshold": self.pair_margin_threshold,
             "pair_margin_quantiles": [list(p) for p in self.pair_margin_quantiles],
@@ -321,8 +331,8 @@ class ShiftRouting:
                 "threshold": k.threshold,
                 "route_lists": k.route_lists,
                 "route_pairs": k.route_pairs,
-                "logit_bias": _bias_json(k.logit_bias),
-                "fallback_bias": _bias_json(k.fallback_bias),
+                "logit_bias": bias_json(k.logit_bias),
+                "fallback_bias": bias_json(k.fallback_bias),
                 "grade_weight": k.grade_weight,
                 "list_top_k": k.list_top_k,
                 "evidence": dict(k.evidence),
@@ -347,71 +357,16 @@ class ShiftRouting:
             kinds=kinds,
             reference_queries=tuple(str(q) for q in data.get("reference_queries") or ()),
             list_reserve_pairs=int(data.get("list_reserve_pairs", 0)),
-            in_distribution_bias=_bias_from_json(data.get("in_distribution_bias"), path),
+            in_distribution_bias=bias_from_json(data.get("in_distribution_bias"), path),
             in_distribution_evidence=dict(data.get("in_distribution_evidence") or {}),
-            in_distribution_fallback_bias=_bias_from_json(data.get("in_distribution_fallback_bias"), path),
-            teacher_weight=_weight_from_json(data.get("teacher_weight", 1.0), path),
-            in_distribution_grade_weight=_optional_weight(data.get("in_distribution_grade_weight"), path),
-            pair_margin_threshold=_optional_float(
+            in_distribution_fallback_bias=bias_from_json(data.get("in_distribution_fallback_bias"), path),
+            teacher_weight=weight_from_json(data.get("teacher_weight", 1.0), path),
+            in_distribution_grade_weight=optional_weight(data.get("in_distribution_grade_weight"), path),
+            pair_margin_threshold=optional_float(
                 data.get("pair_margin_threshold"), "pair_margin_threshold", path
             ),
-            pair_margin_quantiles=_quantiles_from_json(data.get("pair_margin_quantiles"), path),
+            pair_margin_quantiles=quantiles_from_json(data.get("pair_margin_quantiles"), path),
         )
-
-
-def list_heads(
-    queries: Sequence[str], relevance: NDArray[np.floating], top_k: int | None
-) -> NDArray[np.bool_]:
-    """Per pair: whether it is among its query's ``top_k`` pairs of highest ``relevance`` (ties:
-    input order; None: every pair): the head of a shifted list that goes to the teacher."""
-    head = np.zeros(len(queries), bool)
-    rows_of: dict[str, list[int]] = {}
-    for i, query in enumerate(queries):
-        rows_of.setdefault(query, []).append(i)
-    score = np.asarray(relevance, np.float64)
-    for rows in rows_of.values():
-        index = np.asarray(rows, np.intp)
-        if top_k is not None and len(index) > top_k:
-            index = index[np.argsort(-score[index], kind="stable")[:top_k]]
-        head[index] = True
-    return head
-
-
-def decision_margins(decision_logits: NDArray[np.floating]) -> NDArray[np.float64]:
-    """Per row, the largest value minus the second largest: how far a grade decision is from flipping."""
-    values = np.asarray(decision_logits, np.float64)
-    if not len(values):
-        return np.zeros(0)
-    top2 = np.partition(values, -2, axis=1)[:, -2:]
-    margins: NDArray[np.float64] = top2[:, 1] - top2[:, 0]
-    return margins
-
-
-#: The shares at which :func:`margin_quantiles` records in-distribution dev margins.
-QUANTILE_SHARES: tuple[float, ...] = tuple(np.round(np.linspace(0.0, 1.0, 101), 2).tolist())
-
-
-def margin_quantiles(decision_logits: NDArray[np.floating]) -> tuple[tuple[float, float], ...]:
-    """``(share, margin)`` at each of :data:`QUANTILE_SHARES`: the margin below which that share of
-    these (dev) pairs' decision margins lie."""
-    margins = decision_margins(decision_logits)
-    if not len(margins):
-        raise InputError("margin_quantiles needs at least one dev pair")
-    values = np.quantile(margins, QUANTILE_SHARES)
-    values[1:] += 1e-9  # a share > 0 asks for at least the pairs at its quantile
-    return tuple((float(r), float(m)) for r, m in zip(QUANTILE_SHARES, values, strict=True))
-
-
-def margin_threshold_for_rate(decision_logits: NDArray[np.floating], rate: float) -> float:
-    """The ``pair_margin_threshold`` that makes a share ``rate`` of these (dev) pairs candidates.
-
-    Fit it on dev pairs' corrected logits, never test data."""
-    if not 0.0 < rate <= 1.0:
-        raise InputError(f"rate must lie in (0, 1], got {rate}")
-    margins = decision_margins(decision_logits)
-    if not len(margins):
-        raise InputError("margin_threshold_for_rate needs at least one dev pair")
-    return float(np.quantile(margins, rate, method="lower") + 1e-9)
 
 
 def _corrected_argmax(
@@ -461,69 +416,6 @@ def blend_answer(
     return teacher_weight * t + (1.0 - teacher_weight) * s
 
 
-def _check_weight(weight: float | None, name: str) -> None:
-    if weight is not None and not 0.0 < weight <= 1.0:
-        raise InputError(f"{name} must lie in (0, 1], got {weight}")
-
-
-def _quantiles_from_json(raw: object, source: str) -> tuple[tuple[float, float], ...]:
-    if not raw:
-        return ()
-    try:
-        points = tuple((float(r), float(m)) for r, m in raw)  # type: ignore[attr-defined]
-    except (TypeError, ValueError) as exc:
-        raise BundleError(
-            f"{source}: malformed pair_margin_quantiles ({exc!r}); re-export the bundle"
-        ) from exc
-    shares = [r for r, _ in points]
-    if not all(np.isfinite(v) for p in points for v in p) or shares != sorted(shares):
-        raise BundleError(
-            f"{source}: pair_margin_quantiles must be finite (share, margin) points in share order"
-        )
-    return points
-
-
-def _optional_float(raw: object, name: str, source: str) -> float | None:
-    if raw is None:
-        return None
-    try:
-        value = float(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"{source}: malformed {name} ({exc!r}); re-export the bundle") from exc
-    if not np.isfinite(value):
-        raise BundleError(f"{source}: {name} {value} is not finite; re-export the bundle")
-    return value
-
-
-def _optional_weight(raw: object, source: str) -> float | None:
-    return None if raw is None else _weight_from_json(raw, source)
-
-
-def _weight_from_json(raw: object, source: str) -> float:
-    try:
-        weight = float(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"{source}: malformed teacher_weight ({exc!r}); re-export the bundle") from exc
-    if not 0.0 < weight <= 1.0:
-        raise BundleError(f"{source}: teacher_weight {weight} outside (0, 1]; re-export the bundle")
-    return weight
-
-
-def _bias_json(bias: tuple[float, ...] | None) -> list[float] | None:
-    return list(bias) if bias is not None else None
-
-
-def _bias_from_json(raw: object, source: str) -> tuple[float, ...] | None:
-    if raw is None:
-        return None
-    try:
-        return tuple(float(b) for b in raw)  # type: ignore[attr-defined]
-    except (TypeError, ValueError) as exc:
-        raise BundleError(
-            f"{source}: malformed grade-prior correction ({exc!r}); re-export the bundle"
-        ) from exc
-
-
 __all__ = [
     "DEFAULT_TEACHER_WEIGHT",
     "FORMAT",
@@ -532,8 +424,4 @@ __all__ = [
     "ShiftKind",
     "ShiftRouting",
     "blend_answer",
-    "decision_margins",
-    "list_heads",
-    "margin_quantiles",
-    "margin_threshold_for_rate",
 ]

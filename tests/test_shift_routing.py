@@ -22,18 +22,17 @@ from darl_lite.cascade_fit import (
     lists_pay,
     pair_margin_threshold_for,
 )
-from darl_lite.errors import BundleError, InputError
-from darl_lite.metrics import auroc, macro_f1
-from darl_lite.routing import RoutingPolicy
-from darl_lite.shift import QueryShiftDetector, fit_query_shift, query_tokens
-from darl_lite.shift_routing import (
-    ShiftKind,
-    ShiftRouting,
+from darl_lite.decision_margin import (
     decision_margins,
     list_heads,
     margin_quantiles,
     margin_threshold_for_rate,
 )
+from darl_lite.errors import BundleError, InputError
+from darl_lite.metrics import auroc, macro_f1
+from darl_lite.routing import RoutingPolicy
+from darl_lite.shift import QueryShiftDetector, fit_query_shift, query_tokens
+from darl_lite.shift_routing import ShiftKind, ShiftRouting
 
 
 def _queries(splits, name: str) -> list[str]:  # type: ignore[no-untyped-def]
