@@ -48,7 +48,7 @@ class RouteBudget:
         self.window_s = float(window_s)
         self._clock = clock
         self._lock = threading.Lock()
-        # (time, seen, routed, pairs wanted by whole lists, pairs routed one by one)
+        # (time, seen, routed, pairs wanted by lists, pairs routed one by one)
         self._events: deque[tuple[float, int, int, int, int]] = deque()
         self._seen = 0
         self._routed = 0
@@ -76,7 +76,7 @@ class RouteBudget:
         it may route.
 
         The grant stays within the window's allowance less ``reserve`` pairs (kept unspent for
-        whole lists that may follow), and within what the lists asked for in the window leaves of
+        lists that may follow), and within what the lists asked for in the window leaves of
         it (see the module docstring). ``all_or_nothing`` grants ``wanted`` or 0. The answer and
         the bookkeeping happen under one lock, so concurrent calls never overspend.
         """
@@ -95,9 +95,9 @@ class RouteBudget:
             return granted
 
     def acquire_list(self, n: int) -> bool:
-        """Record a whole list of ``n`` pairs that wants the LLM; True if all of it may go (a ranked
-        list goes to one model or stays with the other). Asked-for lists take precedence over
-        per-pair routing in the window, granted or not."""
+        """Record a list (or its routed head) of ``n`` pairs that wants the LLM; True if all of it
+        may go (a ranked list goes to one model or stays with the other). Asked-for lists take
+        precedence over per-pair routing in the window, granted or not."""
         _check_counts(n, n)
         with self._lock:
             now = self._clock()

@@ -35,7 +35,9 @@ from darl_lite.shift_routing import QueryAssignment, ShiftRouting
 #: Notes of pairs routing wanted but a budget refused.
 NOTE_CALL_BUDGET = "routing budget exhausted: student answer kept"
 NOTE_WINDOW_BUDGET = "sliding-window routing budget exhausted: student answer kept"
-NOTE_LIST_BUDGET = "shifted query: the window budget could not take its whole list; student answer kept"
+NOTE_LIST_BUDGET = (
+    "shifted query: the window budget could not take its list's routed head; student answer kept"
+)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ share ``s`` of the stream. Each contender scores the stream request by request u
 budget ``B`` (a :class:`~darl_lite.budget.RouteBudget` over the whole stream, on a request clock),
 with the same :func:`darl_lite.cascade.plan_call` a node runs. Reported per part (in-distribution
 pairs, shifted pairs) and overall: macro-F1, NDCG@10, the route rate and the share of shifted
-queries sent as whole lists; over several draws, mean and standard deviation.
+queries whose list (its routed head) went to the teacher; over several draws, mean and standard
+deviation, and each contender's overall macro-F1 against random routing's on the same streams.
 
 A node that has been serving for a while has a full budget window; one that just started has an
 empty one, and then no list larger than the share B of the pairs seen so far can be routed. By

@@ -79,7 +79,7 @@ class ScoredArrays:
     truncated: NDArray[np.bool_]
     notes: list[str]
     query_shift: NDArray[np.float64] | None = None  # (N,) the query's shift probability
-    list_routed: NDArray[np.bool_] | None = None  # routed with its query's whole list
+    list_routed: NDArray[np.bool_] | None = None  # routed as part of its query's list head
     #: (N,) final grade decisions: the LLM's argmax, or the student's after its kind's prior correction
     grades: NDArray[np.intp] | None = None
 
