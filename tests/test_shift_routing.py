@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import numpy as np
@@ -282,41 +283,27 @@ def test_fit_shift_kind_routes_lists_only_where_the_teacher_ranks_better(splits)
     ev = GradedEvidence(
         [p.query for p in dev], grades, student, good / good.sum(1, keepdims=True), 1.0, (0.0, 1.0, 2.0)
     )
-    kind = fit_shift_kind(
+    fit = functools.partial(
+        fit_shift_kind,
         "questions",
         reference_queries=_queries(splits, "train"),
         pool_queries=_queries(splits, "ood_train"),
-        evidence=ev,
         evidence_is_kind=is_kind,
     )
+    kind = fit(evidence=ev)
     assert kind.route_lists and kind.evidence["ndcg_gain_ci90"][0] > 0
     assert kind.evidence["query_auroc"] >= 0.9
     # the head chosen keeps the whole list's ranking gain, and the evidence is the head's
     gains = kind.evidence["list_top_k_ndcg_gain"]
-    if kind.list_top_k is not None:
-        assert gains[str(kind.list_top_k)] >= gains["whole"] - 0.005
-        assert kind.evidence["list_share"] < 1.0
-    margin = fit_shift_kind(
-        "questions",
-        reference_queries=_queries(splits, "train"),
-        pool_queries=_queries(splits, "ood_train"),
-        evidence=ev,
-        evidence_is_kind=is_kind,
-        pair_margin_threshold=0.4,
-        choose_head=False,
-    )
+    assert kind.list_top_k is not None and gains[str(kind.list_top_k)] >= gains["whole"] - 0.005
+    assert kind.evidence["list_share"] < 1.0
+    margin = fit(evidence=ev, pair_margin_threshold=0.4, choose_head=False)
     assert margin.list_top_k is None and margin.evidence["pair_margin_threshold"] == 0.4
     assert margin.evidence["pair_routing_ndcg_gain"] == 0.0  # lone routed pairs never move the ranking
     bad = GradedEvidence(
         ev.queries, grades, np.eye(3)[grades] * 3.0, np.full((len(dev), 3), 1 / 3), 1.0, (0.0, 1.0, 2.0)
     )
-    worse = fit_shift_kind(
-        "questions",
-        reference_queries=_queries(splits, "train"),
-        pool_queries=_queries(splits, "ood_train"),
-        evidence=bad,
-        evidence_is_kind=is_kind,
-    )
+    worse = fit(evidence=bad)
     assert not worse.route_lists and not worse.route_pairs
 
 
