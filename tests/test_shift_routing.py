@@ -293,10 +293,10 @@ def test_fit_shift_kind_routes_lists_only_where_the_teacher_ranks_better(splits)
     kind = fit(evidence=ev)
     assert kind.route_lists and kind.evidence["ndcg_gain_ci90"][0] > 0
     assert kind.evidence["query_auroc"] >= 0.9
-    # the head chosen keeps the whole list's ranking gain, and the evidence is the head's
+    # a student whose ranking is noise picks no head that keeps the gain: the whole list goes
     gains = kind.evidence["list_top_k_ndcg_gain"]
-    assert kind.list_top_k is not None and gains[str(kind.list_top_k)] >= gains["whole"] - 0.005
-    assert kind.evidence["list_share"] < 1.0
+    assert kind.list_top_k is None and kind.evidence["list_share"] == 1.0
+    assert all(g < gains["whole"] - 0.005 for k, g in gains.items() if k != "whole")
     margin = fit(evidence=ev, pair_margin_threshold=0.4, choose_head=False)
     assert margin.list_top_k is None and margin.evidence["pair_margin_threshold"] == 0.4
     assert margin.evidence["pair_routing_ndcg_gain"] == 0.0  # lone routed pairs never move the ranking
