@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 from darl_lite.budget import RouteBudget
 from darl_lite.calibration import softmax
 from darl_lite.routing import RoutingPolicy, most_urgent
-from darl_lite.shift_routing import QueryAssignment, ShiftRouting
+from darl_lite.shift_routing import QueryAssignment, ShiftRouting, row_argmax
 
 #: Notes of pairs routing wanted but a budget refused.
 NOTE_CALL_BUDGET = "routing budget exhausted: student answer kept"
@@ -100,17 +100,16 @@ def plan_call(
     student = softmax(logits, temperature)
     if shift is None:
         assignment = QueryAssignment(np.full(n, -1, np.intp), np.zeros(n))
-        grades = np.asarray(logits).argmax(axis=1) if n else np.zeros(0, np.intp)
+        grades = row_argmax(logits)
         lists, allowed, urgency = np.zeros(n, bool), np.ones(n, bool), None
     else:
         assignment = shift.assign(queries)
         decision_logits = shift.decision_logits(logits, assignment.kind)  # once: grades and urgency
-        grades = decision_logits.argmax(axis=1) if n else np.zeros(0, np.intp)
+        grades = row_argmax(decision_logits)
         weights = (
             np.arange(student.shape[1], dtype=np.float64) if gains is None else np.asarray(gains, np.float64)
         )
-        relevance = np.einsum("nc,c->n", student, weights, optimize=False)  # no BLAS pool: see ood.py
-        lists = shift.list_candidates(assignment, queries, relevance)
+        lists = shift.list_candidates(assignment, queries, student, weights)
         allowed = ~lists & shift.pair_routing_allowed(assignment)
         share = budget.pair_share(shift.reserve_pairs) if budget is not None else None
         urgency = shift.margin_urgency(decision_logits, share)

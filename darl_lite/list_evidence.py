@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 from darl_lite.calibration import softmax
 from darl_lite.decision_margin import list_heads
 from darl_lite.gain_evidence import GradedEvidence, bootstrap_gains, graded_report, per_query_ndcg
+from darl_lite.metrics import macro_f1
 
 #: Heads of a shifted list (pairs, in the student's ranking) :func:`choose_list_top_k` considers.
 TOP_K_GRID: tuple[int, ...] = (10, 20, 30, 40, 50, 60, 80, 100)
@@ -66,7 +67,7 @@ def choose_list_top_k(
 
 
 def lists_pay(record: Mapping[str, Any]) -> bool:
-    """Whether a kind's lists go to the teacher, from its gain evidence (``_gain_evidence``).
+    """Whether a kind's lists go to the teacher, from its gain evidence (:func:`list_gain_evidence`).
 
     By expected gain over both jobs a grader does: a gain must be established — the 90% interval
     of the NDCG@10 gain, of the macro-F1 gain, or of their sum (one bootstrap over queries for all
@@ -113,12 +114,13 @@ def list_gain_evidence(
     s_rep = graded_report(student, decided, ev.grades, queries, ev.gains)
     t_rep = graded_report(answer, listed_decided, ev.grades, queries, ev.gains)
     # per-pair routing on top of the list answer, outside the head (a whole list leaves no pair
-    # outside it: then judged on its own, against the student, for lists the budget refuses)
+    # outside it: then judged on its own, against the student, for lists the budget refuses). A
+    # pair routed on its own takes the routed grade and its list keeps its ranking: the gain is
+    # in macro-F1 alone, and its NDCG@10 gain is 0 by construction.
     whole = bool(head.all())
-    base, base_decided, base_rep = (student, decided, s_rep) if whole else (answer, listed_decided, t_rep)
-    # (a pair routed on its own takes the routed answer's grade; its list keeps its ranking)
+    base_decided, base_f1 = (decided, s_rep["macro_f1"]) if whole else (listed_decided, t_rep["macro_f1"])
     routed = (np.ones_like(head) if whole else ~head) & (np.asarray(urgency) > 0.0)
-    m_rep = graded_report(base, np.where(routed, teacher_decided, base_decided), ev.grades, queries, ev.gains)
+    pair_f1 = macro_f1(ev.grades, np.where(routed, teacher_decided, base_decided), answer.shape[1])
     gains = {q: t_ndcg[q] - s_ndcg[q] for q in s_ndcg}
     ci = bootstrap_gains(gains, ev.grades, decided, listed_decided, queries, answer.shape[1], seed=seed)
     ndcg_gain, f1_gain = float(np.mean(list(gains.values()))), t_rep["macro_f1"] - s_rep["macro_f1"]
@@ -134,8 +136,8 @@ def list_gain_evidence(
         "combined_gain_ci90": [round(v, 4) for v in ci.combined],
         "list_share": round(float(head.mean()), 4),
         "pair_routing_rate": round(float(routed.mean()), 4),
-        "pair_routing_macro_f1_gain": round(m_rep["macro_f1"] - base_rep["macro_f1"], 4),
-        "pair_routing_ndcg_gain": round(m_rep["ndcg@10"] - base_rep["ndcg@10"], 4),
+        "pair_routing_macro_f1_gain": round(pair_f1 - base_f1, 4),
+        "pair_routing_ndcg_gain": 0.0,
     }
 
 

@@ -205,8 +205,7 @@ class ShiftRouting:
 
     def student_grades(self, logits: NDArray[np.floating], kind: NDArray[np.intp]) -> NDArray[np.intp]:
         """The student's grade decisions (``kind`` as above): argmax of its corrected logits."""
-        decided = self.decision_logits(logits, kind)
-        return decided.argmax(axis=1) if len(decided) else np.zeros(0, np.intp)
+        return row_argmax(self.decision_logits(logits, kind))
 
     def pair_urgency(
         self, logits: NDArray[np.floating], kind: NDArray[np.intp], share: float | None = None
@@ -268,11 +267,16 @@ class ShiftRouting:
         return _corrected_argmax(log_probabilities(probabilities), kind, biases)
 
     def list_candidates(
-        self, assignment: QueryAssignment, queries: Sequence[str], relevance: NDArray[np.floating]
+        self,
+        assignment: QueryAssignment,
+        queries: Sequence[str],
+        student: NDArray[np.floating],
+        gains: NDArray[np.floating],
     ) -> NDArray[np.bool_]:
         """Pairs of the routed head of each list whose query belongs to a kind on which the teacher
-        is expected to win: the whole list, or its ``list_top_k`` pairs of highest student
-        ``relevance`` (:func:`list_heads`)."""
+        is expected to win: the whole list, or its ``list_top_k`` pairs of highest expected
+        relevance (``student`` probabilities times grade ``gains``; :func:`list_heads`), computed
+        for those pairs only."""
         allowed = np.asarray([k.route_lists for k in self.kinds] + [False], bool)
         lists = allowed[assignment.kind]  # index -1 reads the trailing False
         for index, kind in enumerate(self.kinds):
@@ -280,9 +284,8 @@ class ShiftRouting:
                 continue
             rows = np.flatnonzero(lists & (assignment.kind == index))
             if len(rows):
-                head = list_heads(
-                    [queries[i] for i in rows.tolist()], np.asarray(relevance)[rows], kind.list_top_k
-                )
+                relevance = np.einsum("nc,c->n", np.asarray(student)[rows], gains, optimize=False)  # no BLAS
+                head = list_heads([queries[i] for i in rows.tolist()], relevance, kind.list_top_k)
                 lists[rows[~head]] = False
         return lists
 
@@ -373,8 +376,12 @@ def _corrected_argmax(
     values: NDArray[np.floating], kind: NDArray[np.intp], biases: list[tuple[str, tuple[float, ...] | None]]
 ) -> NDArray[np.intp]:
     """Row-wise argmax of :func:`_corrected` values."""
-    out = _corrected(values, kind, biases)
-    return out.argmax(axis=1) if len(out) else np.zeros(0, np.intp)
+    return row_argmax(_corrected(values, kind, biases))
+
+
+def row_argmax(values: NDArray[np.floating]) -> NDArray[np.intp]:
+    """Each row's argmax; an empty array for no rows."""
+    return np.asarray(values).argmax(axis=1) if len(values) else np.zeros(0, np.intp)
 
 
 def _corrected(
@@ -424,4 +431,5 @@ __all__ = [
     "ShiftKind",
     "ShiftRouting",
     "blend_answer",
+    "row_argmax",
 ]
