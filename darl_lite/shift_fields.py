@@ -25,7 +25,8 @@ def quantiles_from_json(raw: object, source: str) -> tuple[tuple[float, float], 
     shares = [r for r, _ in points]
     if not all(np.isfinite(v) for p in points for v in p) or shares != sorted(shares):
         raise BundleError(
-            f"{source}: pair_margin_quantiles must be finite (share, margin) points in share order"
+            f"{source}: pair_margin_quantiles must be finite (share, margin) points in share order; "
+            "re-export the bundle"
         )
     return points
 
