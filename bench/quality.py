@@ -23,7 +23,7 @@ import numpy as np
 from darl_lite.datasets import load_dbpedia
 from darl_lite.inference import SessionConfig
 from darl_lite.metrics import auroc, fpr_at_tpr, grading_report, per_class_f1
-from darl_lite.route_curve import route_curve
+from darl_lite.route_curve import node_route_curve
 from darl_lite.scorer import Scorer, softmax
 from darl_lite.teacher_file import FileTeacher, shipped_teacher_path
 from darl_lite.types import Pair
@@ -143,12 +143,16 @@ def run(
         for model, p in probs.items():
             metrics[model][split] = evaluate(p, grades, qids, gains, names)
             bins[model][split] = reliability(p, grades)
-        curves[split] = route_curve(
-            scored.student_probabilities,
+        curves[split] = node_route_curve(
+            scored.logits,
+            scored.ood_scores,
             probs["teacher"],
-            cascade.routing.urgency(scored.student_probabilities, scored.ood_scores),
             grades,
-            qids,
+            queries,
+            temperature=cascade.temperature,
+            policy=cascade.routing,
+            shift=cascade.shift,
+            query_ids=qids,
             rates=rates,
             gains=gains,
             random_repeats=repeats,

@@ -123,7 +123,10 @@ def plot_route_curve(quality: dict, path: Path) -> None:
         for row_i, metric in enumerate(("macro_f1", "ndcg@10")):
             ax = axes[row_i][col]
             ax.plot(
-                rates, [r["router"][metric] for r in curve], "-o", label="router (expected-error urgency)"
+                rates,
+                [r["router"][metric] for r in curve],
+                "-o",
+                label="router (the node's per-pair urgency)",
             )
             ax.plot(rates, [r["random"][metric] for r in curve], "--s", label="random routing (control)")
             teacher = quality["metrics"]["teacher"][split][metric]

@@ -33,7 +33,11 @@ def register(sub: Any) -> None:
         "--rates", type=_parse_fractions, default=[0.0, 0.05, 0.1, 0.2], help="e.g. 0,0.05,0.1,0.2"
     )
     curve.add_argument(
-        "--rule", default=None, choices=["expected_error", "threshold_excess"], help="override"
+        "--rule",
+        default=None,
+        choices=["expected_error", "threshold_excess"],
+        help="rank pairs by this policy's urgency, argmax grades (default: as the node routes pairs "
+        "one by one: the shift routing's corrected margin and decisions, where the bundle has them)",
     )
     curve.add_argument("--mixed", action="store_true", help="evaluate mixed streams instead of one split")
     curve.add_argument(
@@ -116,19 +120,31 @@ def _single(args: argparse.Namespace, splits: Any, teacher: Any, scorer: Any) ->
     import numpy as np
 
     from darl_lite.metrics import grading_report
-    from darl_lite.route_curve import curve_table, route_curve
+    from darl_lite.route_curve import curve_table, node_route_curve
 
     pairs = list(splits.split(args.split))
-    scored = scorer.score_arrays([p.query for p in pairs], [p.item for p in pairs])
+    queries = [p.query for p in pairs]
+    scored = scorer.score_arrays(queries, [p.item for p in pairs])
     grades = np.asarray([p.grade for p in pairs])
     query_ids = [p.query_id or p.query for p in pairs]
     teacher_probs = teacher.predict_proba(pairs)
-    rows = route_curve(
-        scored.student_probabilities,
+    # --rule names a policy: its urgency alone, as before the shift routing; otherwise the node's own
+    shift = None if args.rule else scorer.shift
+    rule = (
+        "corrected margin"
+        if shift is not None and shift.pair_margin_threshold is not None
+        else scorer.routing.rule
+    )
+    rows = node_route_curve(
+        scored.logits,
+        scored.ood_scores,
         teacher_probs,
-        scorer.routing.urgency(scored.student_probabilities, scored.ood_scores),
         grades,
-        query_ids,
+        queries,
+        temperature=scorer.temperature,
+        policy=scorer.routing,
+        shift=shift,
+        query_ids=query_ids,
         rates=args.rates,
         seed=args.seed,
         gains=scorer.bundle.grade_gains,
@@ -136,14 +152,10 @@ def _single(args: argparse.Namespace, splits: Any, teacher: Any, scorer: Any) ->
     )
     full = grading_report(teacher_probs, grades, query_ids, gains=scorer.bundle.grade_gains)
     if args.json:
-        print(
-            json.dumps(
-                {"split": args.split, "rule": scorer.routing.rule, "teacher": full, "curve": rows}, indent=2
-            )
-        )
+        print(json.dumps({"split": args.split, "rule": rule, "teacher": full, "curve": rows}, indent=2))
         return 0
     print(
-        f"{args.split}: {len(pairs):,} pairs, rule {scorer.routing.rule!r}, "
+        f"{args.split}: {len(pairs):,} pairs, rule {rule!r}, "
         f"random = mean of {args.repeats} draws; teacher alone: macro-F1 {full['macro_f1']:.3f}, "
         f"NDCG@10 {full['ndcg@10']:.3f}"
     )

@@ -308,8 +308,11 @@ def grading_report(
     k: int = 10,
     gains: Sequence[float] = GRADE_GAINS,
     n_bins: int = 15,
+    decided: ArrayLike | None = None,
 ) -> dict[str, float]:
-    """``{"macro_f1", "accuracy", "ndcg@10", "ece"}`` of grade probabilities, as plain floats.
+    """``{"macro_f1", "accuracy", "ndcg@10", "ece"}`` of grade probabilities, as plain floats;
+    macro-F1 and accuracy from ``decided`` grades when given (a node's corrected decisions), else
+    from the probabilities' argmax.
 
     ``truth`` is either the graded :class:`Pair` s (grades and query ids come from them; a pair
     without ``query_id`` is grouped by its query text) or an array of true grades, in which case
@@ -329,8 +332,12 @@ def grading_report(
         if query_ids is None:
             raise InputError("query_ids is required when truth is an array of grades, not pairs")
     _same_length(probs=p, grades_true=grades)
-    y_pred = p.argmax(axis=1)
     n_classes = p.shape[1]
+    if decided is None:
+        y_pred = p.argmax(axis=1)
+    else:
+        y_pred = _labels(decided, "decided", n_classes)
+        _same_length(probs=p, decided=y_pred)
     return {
         "macro_f1": macro_f1(grades, y_pred, n_classes),
         "accuracy": accuracy(grades, y_pred),

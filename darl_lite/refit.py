@@ -21,7 +21,7 @@ import numpy as np
 
 from darl_lite.cascade_fit import fit_shift_kind, graded_evidence, write_with_shift_routing
 from darl_lite.errors import BundleError, InputError
-from darl_lite.route_curve import route_curve
+from darl_lite.route_curve import node_route_curve
 from darl_lite.scorer import Scorer
 from darl_lite.types import Pair
 
@@ -88,17 +88,16 @@ def refit_routing(
         pair_margin_threshold=shift.pair_margin_threshold,
         seed=seed,
     )
-    from darl_lite.calibration import softmax
-
-    student = softmax(evidence.student_logits, scorer.temperature)
     refitted = shift.with_kind(kind)  # keeps the in-distribution correction
-    urgency = refitted.pair_urgency(evidence.student_logits, refitted.assign(queries).kind)
-    curve = route_curve(
-        student,
-        evidence.answer(),  # the answers routed pairs get
-        scorer.routing.urgency(student, np.zeros(len(pairs))) if urgency is None else urgency,
+    curve = node_route_curve(  # pairs routed one by one as the refitted node routes them
+        evidence.student_logits,
+        np.zeros(len(pairs)),
+        evidence.teacher_probs,
         evidence.grades,
         queries,
+        temperature=scorer.temperature,
+        policy=scorer.routing,
+        shift=refitted,
         gains=scorer.bundle.grade_gains,
         seed=seed,
         random_repeats=5,
