@@ -49,7 +49,9 @@ def register(sub: Any) -> None:
         "--shares", type=_parse_fractions, default=[0.1, 0.3], help="shifted shares s, e.g. 0.1,0.3"
     )
     curve.add_argument("--budgets", type=_parse_fractions, default=[0.05, 0.1, 0.2], help="budgets B")
-    curve.add_argument("--draws", type=int, default=5, help="streams drawn per share (default 5)")
+    curve.add_argument(  # mixed_stream.DEFAULT_DRAWS (not imported here: the CLI loads stages lazily)
+        "--draws", type=int, default=20, help="streams drawn per share and budget (default 20)"
+    )
     curve.add_argument(
         "--cold-start",
         action="store_true",

@@ -142,9 +142,16 @@ def test_mixed_report_compares_every_contender(
     cascade = row["contenders"]["cascade"]
     assert cascade["shifted_queries_listed"]["mean"] > 0  # half the stream's pairs may go: lists do
     # the paired difference to random routing, draw by draw, on the same streams
-    assert row["contenders"]["random"]["f1_vs_random"] == {"mean": 0.0, "min": 0.0, "max": 0.0}
+    assert row["contenders"]["random"]["f1_vs_random"] == {
+        "mean": 0.0,
+        "min": 0.0,
+        "max": 0.0,
+        "ci90": [0.0, 0.0],
+        "draws_above": 0,
+    }
     vs = cascade["f1_vs_random"]
-    assert vs["min"] <= vs["mean"] <= vs["max"]
+    assert vs["min"] <= vs["ci90"][0] <= vs["mean"] <= vs["ci90"][1] <= vs["max"]
+    assert 0 <= vs["draws_above"] <= 2
     gap = cascade["overall"]["macro_f1"]["mean"] - row["contenders"]["random"]["overall"]["macro_f1"]["mean"]
     assert vs["mean"] == pytest.approx(gap, abs=1e-12)
     teacher_row = report["streams"][1]["contenders"]["teacher"]

@@ -160,3 +160,13 @@ def test_route_curve_command_follows_the_bundle_s_per_pair_rule(
     assert "'corrected margin'" in capsys.readouterr().out.splitlines()[0]
     assert main([*args, "--rule", "expected_error"]) == 0
     assert "'expected_error'" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_mixed_draws_default_and_refusal(capsys: pytest.CaptureFixture[str]) -> None:
+    """The command's default draws are the library's; a stream count below 1 is refused by name."""
+    from darl_lite.cli import build_parser
+    from darl_lite.mixed_stream import DEFAULT_DRAWS, evaluate_mixed
+
+    assert build_parser().parse_args(["route-curve", "b", "--mixed"]).draws == DEFAULT_DRAWS
+    with pytest.raises(InputError, match="draws must be an integer >= 1"):
+        evaluate_mixed(None, draws=0, policy=RoutingPolicy(), shift=None)  # type: ignore[arg-type]
