@@ -220,6 +220,44 @@ def fit_shift_kind(
     is_kind = (
         np.ones(len(evidence.queries), bool) if evidence_is_kind is None else np.asarray(evidence_is_kind)
     )
+    detector, assigned, record = _fit_detector(reference_queries, pool_queries, evidence, is_kind, threshold)
+    # "teacher" in the evidence is the answer a routed pair gets: this share of the teacher, the rest student
+    record["teacher_weight"] = evidence.teacher_weight
+    pool = tuple(sorted(set(pool_queries)))
+    if not assigned.any():
+        logger.warning("shift kind %r: no graded query is assigned to it; it routes nothing", name)
+        return ShiftKind(
+            name, detector, threshold, False, False, None, {**record, "decision": "no evidence"}, pool
+        )
+    corrections = _fit_corrections(evidence, assigned, record)
+    top_k = _record_routing_evidence(
+        evidence, assigned, corrections, record, error_threshold, pair_margin_threshold, seed, choose_head
+    )
+    route_lists, route_pairs = _decide(record, top_k)
+    return ShiftKind(
+        name,
+        detector,
+        threshold,
+        route_lists,
+        route_pairs,
+        corrections.student if any(corrections.student) else None,
+        record,
+        pool,
+        corrections.fallback if any(corrections.fallback) else None,
+        None if corrections.grade_weight == evidence.teacher_weight else corrections.grade_weight,
+        top_k if route_lists else None,
+    )
+
+
+def _fit_detector(
+    reference_queries: Sequence[str],
+    pool_queries: Sequence[str],
+    evidence: GradedEvidence,
+    is_kind: NDArray[np.bool_],
+    threshold: float,
+) -> tuple[Any, NDArray[np.bool_], dict[str, Any]]:
+    """The kind's domain classifier (L2 chosen by query AUROC), which graded pairs it claims, and
+    the record of both."""
     queries = np.asarray(evidence.queries, dtype=object)
     l2, l2_scores = choose_l2(reference_queries, pool_queries, *_split_queries(queries, is_kind))
     detector = fit_query_shift(reference_queries, pool_queries, l2=l2)
@@ -228,8 +266,6 @@ def fit_shift_kind(
         "l2": l2,
         "l2_auroc": l2_scores,
         "graded_queries": len(set(evidence.queries)),
-        # "teacher" below is the answer a routed pair gets: this share of the teacher, the rest student
-        "teacher_weight": evidence.teacher_weight,
         "assigned_queries": len(set(queries[assigned])),
     }
     in_queries, kind_queries = _split_queries(queries, is_kind)
@@ -237,17 +273,50 @@ def fit_shift_kind(
         record["query_auroc"] = round(
             auroc(detector.probabilities(in_queries), detector.probabilities(kind_queries)), 4
         )
-    pool = tuple(sorted(set(pool_queries)))
-    if not assigned.any():
-        logger.warning("shift kind %r: no graded query is assigned to it; it routes nothing", name)
-        return ShiftKind(
-            name, detector, threshold, False, False, None, {**record, "decision": "no evidence"}, pool
-        )
-    bias, f1_before, f1_after = fit_logit_bias(evidence.subset(assigned))
-    grade_weight, grade_scores = choose_grade_weight(evidence.subset(assigned))
-    record.update({"grade_weight": grade_weight, "grade_weight_macro_f1": grade_scores})
-    teacher = evidence.teacher_view(grade_weight)
-    fallback_bias, t_before, t_after = fit_logit_bias(teacher.subset(assigned))
+    return detector, assigned, record
+
+
+@dataclass(frozen=True)
+class _KindCorrections:
+    """A kind's grade decisions: the student's bias, the routed answer's weight and bias."""
+
+    student: tuple[float, ...]
+    grade_weight: float
+    fallback: tuple[float, ...]
+
+
+def _fit_corrections(
+    evidence: GradedEvidence, assigned: NDArray[np.bool_], record: dict[str, Any]
+) -> _KindCorrections:
+    """The kind's corrections, fitted on its assigned graded pairs; their scores go to ``record``."""
+    kind_pairs = evidence.subset(assigned)
+    bias, f1_before, f1_after = fit_logit_bias(kind_pairs)
+    grade_weight, grade_scores = choose_grade_weight(kind_pairs)
+    fallback_bias, t_before, t_after = fit_logit_bias(evidence.teacher_view(grade_weight).subset(assigned))
+    record.update(
+        {
+            "grade_weight": grade_weight,
+            "grade_weight_macro_f1": grade_scores,
+            "logit_bias_macro_f1": [round(f1_before, 4), round(f1_after, 4)],
+            "fallback_bias_macro_f1": [round(t_before, 4), round(t_after, 4)],
+        }
+    )
+    return _KindCorrections(bias, grade_weight, fallback_bias)
+
+
+def _record_routing_evidence(
+    evidence: GradedEvidence,
+    assigned: NDArray[np.bool_],
+    corrections: _KindCorrections,
+    record: dict[str, Any],
+    error_threshold: float,
+    pair_margin_threshold: float | None,
+    seed: int,
+    choose_head: bool,
+) -> int | None:
+    """What routing the kind's lists (their head) and its other pairs one by one would gain over the
+    cross-fitted corrected student, into ``record``; returns the head size (None: whole lists)."""
+    teacher = evidence.teacher_view(corrections.grade_weight)
     decision_logits = evidence.student_logits + _cross_fitted_bias(evidence, assigned, seed)
     decided = decision_logits.argmax(axis=1)
     teacher_decided = (teacher.student_logits + _cross_fitted_bias(teacher, assigned, seed)).argmax(axis=1)
@@ -261,31 +330,18 @@ def fit_shift_kind(
         student = softmax(ev.student_logits, ev.temperature)
         urgency = (1.0 - student.max(axis=1)) - error_threshold
     record.update(list_gain_evidence(ev, decided[assigned], teacher_decided[assigned], urgency, top_k, seed))
-    record.update(
-        {
-            "logit_bias_macro_f1": [round(f1_before, 4), round(f1_after, 4)],
-            "fallback_bias_macro_f1": [round(t_before, 4), round(t_after, 4)],
-        }
-    )
+    return top_k
+
+
+def _decide(record: dict[str, Any], top_k: int | None) -> tuple[bool, bool]:
+    """``(route_lists, route_pairs)`` from the recorded evidence, and the decision in words."""
     route_lists = lists_pay(record)
     route_pairs = record["pair_routing_macro_f1_gain"] > 0.0 and record["pair_routing_ndcg_gain"] >= 0.0
     head = "whole lists" if top_k is None else f"the top {top_k} of each list"
     record["decision"] = (f"route {head}" if route_lists else "keep lists on the student") + (
         "; per-pair routing on" if route_pairs else "; per-pair routing off"
     )
-    return ShiftKind(
-        name,
-        detector,
-        threshold,
-        route_lists,
-        route_pairs,
-        bias if any(bias) else None,
-        record,
-        pool,
-        fallback_bias if any(fallback_bias) else None,
-        None if grade_weight == evidence.teacher_weight else grade_weight,
-        top_k if route_lists else None,
-    )
+    return route_lists, route_pairs
 
 
 def _split_queries(queries: NDArray[Any], is_kind: NDArray[np.bool_]) -> tuple[list[str], list[str]]:
