@@ -305,6 +305,21 @@ class _Context:
         )
         return JSONResponse(answer.model_dump(mode="json", exclude_none=True))
 
+    async def vllm(self, body: object) -> Any:
+        """vLLM's score API: the pairs of ``text_1`` x ``text_2``, scores in input order."""
+        from fastapi.responses import JSONResponse
+
+        from darl_lite.serve_rerank import vllm_pairs, vllm_score_response
+
+        request = self.schema.VLLMScoreRequest.model_validate(body)
+        pairs = vllm_pairs(request)
+        check_item_count(sum(len(items) for _, items in pairs), self.max_items)
+        results = [r for group in await self.score_many(pairs) for r in group]
+        self.metrics.observe_results(results)
+        model = request.model or self.scorer.bundle.directory.name
+        answer = vllm_score_response(results, gains=self.scorer.bundle.grade_gains, model=model)
+        return JSONResponse(answer.model_dump(mode="json"))
+
     async def tei(self, body: object) -> Any:
         from fastapi.responses import JSONResponse
 
@@ -404,11 +419,14 @@ def _install_info_routes(app: Any, ctx: _Context) -> None:
 
 
 def _install_score_route(app: Any, ctx: _Context) -> None:
-    """``POST /score``: darl-lite's own API, every field of every pair."""
+    """``POST /score``: darl-lite's own API, every field of every pair; vLLM's score API there (by
+    its ``text_1`` / ``text_2`` body) and at ``/v1/score``."""
     from fastapi import Request
     from fastapi.responses import JSONResponse
 
     async def work(body: object) -> Any:
+        if isinstance(body, dict) and ("text_1" in body or "text_2" in body):
+            return await ctx.vllm(body)  # vLLM's score API on its own path
         batch, pairs = parse_score_body(body, ctx.max_items)
         results = await ctx.score_many(pairs)
         for group in results:
@@ -416,9 +434,23 @@ def _install_score_route(app: Any, ctx: _Context) -> None:
         rows = [[pair_score_dict(r) for r in group] for group in results]
         return JSONResponse({"results": rows if batch else rows[0]})
 
-    @app.post("/score", response_model=ctx.schema.ScoreResponse, responses=ctx.errors)
+    @app.post(
+        "/score",
+        response_model=ctx.schema.ScoreResponse | ctx.schema.VLLMScoreResponse,
+        responses=ctx.errors,
+        summary='Score: darl-lite\'s own ("query", "items"), or vLLM\'s score API ("text_1", "text_2")',
+    )
     async def score(request: Request) -> Any:
         return await ctx.guarded(request, work)
+
+    @app.post(
+        "/v1/score",
+        response_model=ctx.schema.VLLMScoreResponse,
+        responses=ctx.errors,
+        summary="Score (vLLM's score API)",
+    )
+    async def score_v1(request: Request) -> Any:
+        return await ctx.guarded(request, ctx.vllm)
 
 
 def _install_rerank_routes(app: Any, ctx: _Context) -> None:

@@ -33,6 +33,7 @@ LATENCY_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 #: Endpoints with their own label value; any other path is counted as ``other`` (bounded labels).
 ENDPOINTS: tuple[str, ...] = (
     "/score",
+    "/v1/score",
     "/rerank",
     "/v1/rerank",
     "/v2/rerank",

@@ -1,4 +1,5 @@
-"""Rerank responses in the shapes other rerankers' clients parse: Cohere/Jina and text-embeddings-inference.
+"""Rerank and score responses in the shapes other services' clients parse: Cohere/Jina,
+text-embeddings-inference and vLLM's score API.
 
 * Cohere / Jina (``/v1/rerank``, ``/v2/rerank``, ``/rerank`` with ``documents``):
   ``{"results": [{"index", "relevance_score", "document"?: {"text"}}], "id", "meta"}``, best first.
@@ -8,12 +9,16 @@
   ``results`` (Elasticsearch's parsers reject unknown fields there).
 * text-embeddings-inference (``/rerank`` with ``texts``): a bare array ``[{"index", "score",
   "text"?}]``, best first; ``raw_scores: true`` gives the expected relevance in grade-gain units.
+* vLLM's score API (``/v1/score``, and ``/score`` with ``text_1``): ``{"id", "object": "list",
+  "created", "model", "data": [{"index", "object": "score", "score"}], "usage"}``, input order,
+  ``score`` as ``relevance_score``.
 
 Imported only when an app is built (pydantic comes with the ``serve`` extra).
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 
@@ -30,6 +35,10 @@ from darl_lite.serve_schema import (
     RerankResult,
     TEIRank,
     TEIRerankRequest,
+    VLLMScoreData,
+    VLLMScoreRequest,
+    VLLMScoreResponse,
+    VLLMUsage,
 )
 
 
@@ -93,6 +102,47 @@ def tei_response(
     ]
 
 
+def vllm_pairs(body: VLLMScoreRequest) -> list[tuple[str, list[str]]]:
+    """The pairs of a vLLM score request as ``(query, items)`` requests, in input order: one
+    ``text_1`` (a string or a one-element list) against every ``text_2``, or lists of equal length
+    paired position by position (vLLM's own rules)."""
+    first = [body.text_1] if isinstance(body.text_1, str) else list(body.text_1)
+    second = [body.text_2] if isinstance(body.text_2, str) else list(body.text_2)
+    if not first or not second:
+        raise InputError("text_1 and text_2 must each hold at least one text")
+    if len(first) == 1:
+        return [(first[0], second)]
+    if len(first) != len(second):
+        raise InputError(
+            f"text_1 has {len(first)} texts and text_2 {len(second)}: give one text_1, or as many as text_2"
+        )
+    requests: list[tuple[str, list[str]]] = []
+    for query, item in zip(first, second, strict=True):  # runs of one query become one request
+        if requests and requests[-1][0] == query:
+            requests[-1][1].append(item)
+        else:
+            requests.append((query, [item]))
+    return requests
+
+
+def vllm_score_response(
+    results: Sequence[PairScore], *, gains: Sequence[float], model: str
+) -> VLLMScoreResponse:
+    """vLLM's score response for ``results`` (one per pair, input order); the score is the
+    expected relevance divided by the largest grade gain, as the rerank endpoints' ``relevance_score``."""
+    scale = max(gains)
+    return VLLMScoreResponse(
+        id=f"score-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=model,
+        data=[
+            VLLMScoreData(index=i, score=min(max(r.expected_relevance / scale, 0.0), 1.0))
+            for i, r in enumerate(results)
+        ],
+        usage=VLLMUsage(),
+    )
+
+
 def rerank_form(body: object) -> str:
     """Which API a ``/rerank`` body speaks: ``"tei"`` (has ``texts``) or ``"cohere"`` (``documents``)."""
     if not isinstance(body, dict):
@@ -109,4 +159,4 @@ def rerank_form(body: object) -> str:
     raise InputError('missing field "documents" (Cohere/Jina) or "texts" (text-embeddings-inference)')
 
 
-__all__ = ["cohere_response", "rerank_form", "tei_response"]
+__all__ = ["cohere_response", "rerank_form", "tei_response", "vllm_pairs", "vllm_score_response"]

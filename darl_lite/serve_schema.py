@@ -187,6 +187,40 @@ class TEIRank(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------------
+# vLLM's score API (``/v1/score``, and ``/score`` with ``text_1``)
+
+
+class VLLMScoreRequest(BaseModel):
+    """vLLM's score request: ``text_1`` against ``text_2`` (one against many, or pair by pair);
+    unknown fields (``truncate_prompt_tokens``, ...) are ignored, as vLLM's clients may send them."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = Field(None, description="accepted and ignored: the server serves one bundle")
+    text_1: Text | list[Text] = Field(description="the query (or one per pair)")
+    text_2: Text | list[Text] = Field(description="the items")
+
+
+class VLLMScoreData(BaseModel):
+    index: int = Field(description="position of the pair in the request")
+    object: Literal["score"] = "score"
+    score: float = Field(description="expected relevance / largest grade gain, in [0, 1]")
+
+
+class VLLMUsage(BaseModel):
+    prompt_tokens: int = Field(default=0, description="darl-lite does not count tokens: 0")
+    total_tokens: int = 0
+
+
+class VLLMScoreResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[VLLMScoreData] = Field(description="one per pair, in input order")
+    usage: VLLMUsage
+
+
+# --------------------------------------------------------------------------------------------------
 # /healthz
 
 
@@ -258,7 +292,8 @@ def install_openapi(app: Any) -> None:
     from fastapi.openapi.utils import get_openapi
 
     bodies_by_path: dict[str, list[type[BaseModel]]] = {
-        "/score": [ScoreQuery, ScoreBatchRequest],
+        "/score": [ScoreQuery, ScoreBatchRequest, VLLMScoreRequest],
+        "/v1/score": [VLLMScoreRequest],
         "/v1/rerank": [CohereRerankRequest],
         "/v2/rerank": [CohereRerankRequest],
         "/rerank": [CohereRerankRequest, TEIRerankRequest],
@@ -290,6 +325,8 @@ __all__ = [
     "ScoreResponse",
     "TEIRank",
     "TEIRerankRequest",
+    "VLLMScoreRequest",
+    "VLLMScoreResponse",
     "describe_validation_error",
     "install_openapi",
     "request_body_schemas",

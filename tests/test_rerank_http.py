@@ -193,3 +193,38 @@ def test_empty_document_lists(client: Any) -> None:
     empty = client.post("/v2/rerank", json={"query": "q", "documents": []}).json()
     assert empty["results"] == []
     assert client.post("/rerank", json={"query": "q", "texts": []}).json() == []
+
+
+def test_vllm_score_api_one_query_against_many(client: Any, scorer: Scorer) -> None:
+    """vLLM's score API, as its clients post it (``/v1/score`` and ``/score`` with ``text_1``):
+    one score per pair in input order, the rerank endpoints' relevance score."""
+    expected = {r.index: r.relevance_score for r in scorer.rank(QUERY, DOCS)}
+    for path, text_1 in (("/v1/score", QUERY), ("/score", QUERY), ("/v1/score", [QUERY])):
+        body = {"model": "darl-lite", "text_1": text_1, "text_2": DOCS, "truncate_prompt_tokens": 64}
+        response = client.post(path, json=body)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["object"] == "list" and answer["model"] == "darl-lite" and answer["id"]
+        assert [d["index"] for d in answer["data"]] == list(range(len(DOCS)))
+        assert all(d["object"] == "score" for d in answer["data"])
+        assert [d["score"] for d in answer["data"]] == pytest.approx([expected[i] for i in range(len(DOCS))])
+        assert set(answer["usage"]) == {"prompt_tokens", "total_tokens"}
+
+
+def test_vllm_score_api_pair_by_pair_and_its_refusals(client: Any, url: str, scorer: Scorer) -> None:
+    """Lists of equal length pair position by position (each pair scored with its own query);
+    lengths that do not pair, an empty text or no token are refused with the field named."""
+    queries = [QUERY, "jazz musicians", QUERY]
+    items = [DOCS[1], DOCS[3], DOCS[0]]
+    answer = client.post("/v1/score", json={"text_1": queries, "text_2": items}).json()
+    alone = [scorer.rank(q, [t])[0].relevance_score for q, t in zip(queries, items, strict=True)]
+    assert [d["score"] for d in answer["data"]] == pytest.approx(alone)
+    for body, message in (
+        ({"text_1": [QUERY, "x"], "text_2": DOCS}, "text_1 has 2 texts and text_2 5"),
+        ({"text_1": QUERY, "text_2": ["a", " "]}, "text_2"),
+        ({"text_1": QUERY}, "missing field 'text_2'"),
+        ({"text_1": QUERY, "text_2": ["a"] * (MAX_ITEMS + 1)}, "items"),
+    ):
+        response = client.post("/v1/score", json=body)
+        assert response.status_code == 422 and message in response.json()["detail"], response.text
+    assert httpx.post(f"{url}/v1/score", json={"text_1": QUERY, "text_2": DOCS}).status_code == 401
