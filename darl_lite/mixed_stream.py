@@ -261,7 +261,9 @@ def evaluate_mixed(
 
 def _check_draws(draws: object) -> None:
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise InputError(f"draws must be an integer >= 1 (streams per share and budget), got {draws!r}")
+        raise InputError(
+            f"draws (--draws) must be an integer >= 1, the streams per share and budget; got {draws!r}"
+        )
 
 
 def _listed_share(

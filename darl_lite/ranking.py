@@ -54,6 +54,11 @@ def relevance_scale(gains: Sequence[float]) -> float:
     return top if top > 0 else 1.0
 
 
+def relevance_score(expected_relevance: float, scale: float) -> float:
+    """Expected relevance on [0, 1]: divided by ``scale`` (:func:`relevance_scale`), clipped."""
+    return min(max(expected_relevance / scale, 0.0), 1.0)
+
+
 def rank_results(
     results: Sequence[PairScore],
     items: Sequence[str],
@@ -71,11 +76,11 @@ def rank_results(
         RankedItem(
             index=i,
             score=results[i],
-            relevance_score=min(max(results[i].expected_relevance / scale, 0.0), 1.0),
+            relevance_score=relevance_score(results[i].expected_relevance, scale),
             item=items[i] if return_items else None,
         )
         for i in order
     ]
 
 
-__all__ = ["RankedItem", "check_top_k", "rank_results", "relevance_scale"]
+__all__ = ["RankedItem", "check_top_k", "rank_results", "relevance_scale", "relevance_score"]

@@ -107,17 +107,15 @@ def node_route_curve(
     llm = np.asarray(llm_probs, np.float64)
     qids = list(queries) if query_ids is None else list(query_ids)
     common: dict[str, Any] = {"rates": rates, "seed": seed, "gains": gains, "random_repeats": random_repeats}
-    policy_urgency = policy.urgency(student, np.asarray(ood_scores, np.float64))
     if shift is None:
-        return route_curve(student, llm, policy_urgency, grades, qids, **common)
+        urgency = policy.urgency(student, np.asarray(ood_scores, np.float64))
+        return route_curve(student, llm, urgency, grades, qids, **common)
     assignment = shift.assign(queries)
     decision_logits = shift.decision_logits(logits, assignment.kind)
-    margin_urgency = shift.margin_urgency(decision_logits)
-    urgency = np.where(
-        shift.pair_routing_allowed(assignment),
-        policy_urgency if margin_urgency is None else margin_urgency,
-        -np.inf,
-    )
+    ranked = shift.margin_urgency(decision_logits)
+    if ranked is None:  # an older bundle without a margin threshold: the policy's urgency
+        ranked = policy.urgency(student, np.asarray(ood_scores, np.float64))
+    urgency = np.where(shift.pair_routing_allowed(assignment), ranked, -np.inf)
     _, answered = shift.fallback_answer(student, llm, assignment.kind)
     return route_curve(
         student,

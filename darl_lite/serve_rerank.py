@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Sequence
 
 from darl_lite.errors import InputError
-from darl_lite.ranking import rank_results
+from darl_lite.ranking import rank_results, relevance_scale, relevance_score
 from darl_lite.scorer import PairScore
 from darl_lite.serve_schema import (
     ApiVersion,
@@ -130,13 +130,13 @@ def vllm_score_response(
 ) -> VLLMScoreResponse:
     """vLLM's score response for ``results`` (one per pair, input order); the score is the
     expected relevance divided by the largest grade gain, as the rerank endpoints' ``relevance_score``."""
-    scale = max(gains)
+    scale = relevance_scale(gains)
     return VLLMScoreResponse(
         id=f"score-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=model,
         data=[
-            VLLMScoreData(index=i, score=min(max(r.expected_relevance / scale, 0.0), 1.0))
+            VLLMScoreData(index=i, score=relevance_score(r.expected_relevance, scale))
             for i, r in enumerate(results)
         ],
         usage=VLLMUsage(),

@@ -168,5 +168,5 @@ def test_mixed_draws_default_and_refusal(capsys: pytest.CaptureFixture[str]) -> 
     from darl_lite.mixed_stream import DEFAULT_DRAWS, evaluate_mixed
 
     assert build_parser().parse_args(["route-curve", "b", "--mixed"]).draws == DEFAULT_DRAWS
-    with pytest.raises(InputError, match="draws must be an integer >= 1"):
+    with pytest.raises(InputError, match=r"draws \(--draws\) must be an integer >= 1"):
         evaluate_mixed(None, draws=0, policy=RoutingPolicy(), shift=None)  # type: ignore[arg-type]
