@@ -183,25 +183,46 @@ class ShiftRouting:
             )
 
     def assign(self, queries: Sequence[str]) -> QueryAssignment:
-        """The kind of each pair's query: the most probable kind past its threshold, else -1."""
+        """The kind of each pair's query: the most probable kind past its threshold, else -1.
+
+        Scalar work per distinct query (a call usually has one or a few), not queries x kinds
+        arrays: this runs on every call, right after the model pass, where each numpy call on a
+        tiny array costs several times its idle price (docs/benchmarks.md, "Small calls")."""
         n = len(queries)
-        kind = np.full(n, -1, np.intp)
-        best = np.zeros(n)
         if not self.kinds or not n:
-            return QueryAssignment(kind, best)
-        distinct = list(dict.fromkeys(queries))
-        probs = np.stack([k.detector.probabilities(distinct) for k in self.kinds], axis=1)  # (Q, K)
-        past = probs >= np.asarray([k.threshold for k in self.kinds])[None, :]
-        chosen = np.where(past.any(axis=1), np.where(past, probs, -1.0).argmax(axis=1), -1)
-        row_of = {q: i for i, q in enumerate(distinct)}
-        rows = np.fromiter((row_of[q] for q in queries), np.intp, count=n)
-        return QueryAssignment(chosen[rows].astype(np.intp), probs.max(axis=1)[rows])
+            return QueryAssignment(np.full(n, -1, np.intp), np.zeros(n))
+        found: dict[str, tuple[int, float]] = {}
+        for query in queries:
+            if query not in found:
+                found[query] = self._assign_one(query)
+        if len(found) == 1:
+            ((kind, probability),) = found.values()
+            return QueryAssignment(np.full(n, kind, np.intp), np.full(n, probability))
+        kinds = np.fromiter((found[q][0] for q in queries), np.intp, count=n)
+        probabilities = np.fromiter((found[q][1] for q in queries), np.float64, count=n)
+        return QueryAssignment(kinds, probabilities)
+
+    def _assign_one(self, query: str) -> tuple[int, float]:
+        """``(kind, largest probability)`` of one query: the first most probable kind past its
+        threshold (-1: none), and the largest of its kinds' probabilities."""
+        chosen, chosen_probability, largest = -1, -1.0, 0.0
+        for index, kind in enumerate(self.kinds):
+            probability = kind.detector.probability(query)
+            largest = max(largest, probability)
+            if probability >= kind.threshold and probability > chosen_probability:
+                chosen, chosen_probability = index, probability
+        return chosen, largest
 
     def decision_logits(self, logits: NDArray[np.floating], kind: NDArray[np.intp]) -> NDArray[np.float64]:
         """The student's logits plus each row's population correction (``kind``: each row's
         population, -1 for none): their argmax is the grade decision."""
         biases = [(k.name, k.logit_bias) for k in self.kinds]
-        return _corrected(logits, kind, [*biases, ("in-distribution", self.in_distribution_bias)])
+        biases.append(("in-distribution", self.in_distribution_bias))
+        array: NDArray[np.float64] = np.asarray(logits, np.float64)
+        table = _bias_table(biases, array.shape[1]) if array.ndim == 2 and len(array) else None
+        if table is None:  # no rows, no correction, or a bias of the wrong length (_corrected names it)
+            return _corrected(array, kind, biases)
+        return array + table[np.asarray(kind, np.intp)]  # row -1 of the table: the in-distribution rest
 
     def student_grades(self, logits: NDArray[np.floating], kind: NDArray[np.intp]) -> NDArray[np.intp]:
         """The student's grade decisions (``kind`` as above): argmax of its corrected logits."""
@@ -279,6 +300,8 @@ class ShiftRouting:
         for those pairs only."""
         allowed = np.asarray([k.route_lists for k in self.kinds] + [False], bool)
         lists = allowed[assignment.kind]  # index -1 reads the trailing False
+        if not lists.any():  # no pair's query belongs to a kind that routes lists
+            return lists
         for index, kind in enumerate(self.kinds):
             if kind.list_top_k is None:
                 continue
@@ -382,6 +405,17 @@ def _corrected_argmax(
 def row_argmax(values: NDArray[np.floating]) -> NDArray[np.intp]:
     """Each row's argmax; an empty array for no rows."""
     return np.asarray(values).argmax(axis=1) if len(values) else np.zeros(0, np.intp)
+
+
+def _bias_table(biases: list[tuple[str, tuple[float, ...] | None]], width: int) -> NDArray[np.float64] | None:
+    """``biases`` as one (populations, ``width``) array, zeros where a population has none, so a
+    correction is one indexed add: row k for population k, the last row for population -1. None
+    when no population has a correction or one has the wrong length."""
+    if all(bias is None for _, bias in biases):
+        return None
+    if any(bias is not None and len(bias) != width for _, bias in biases):
+        return None
+    return np.asarray([bias if bias is not None else (0.0,) * width for _, bias in biases], np.float64)
 
 
 def _corrected(

@@ -397,6 +397,28 @@ def test_a_one_query_call_is_assigned_as_in_a_mixed_call() -> None:
         np.testing.assert_array_equal(alone.probability, np.full(3, mixed.probability[0]))
 
 
+def test_assign_takes_the_most_probable_kind_past_its_threshold() -> None:
+    """Each pair's kind is the most probable kind whose threshold its query passes (-1: none), and
+    its probability the largest of its kinds' probabilities, passed or not, as the detectors say."""
+    base = _routing().kinds[0]
+    other = QueryShiftDetector({"laptop": 3.0, "?": -2.0}, length_weight=0.0, bias=-1.0)
+    kinds = (
+        dataclasses.replace(base, name="questions", threshold=0.6),
+        dataclasses.replace(base, name="laptops", detector=other, threshold=0.5),
+    )
+    routing = ShiftRouting(kinds)
+    queries = ["which shoe is best?", "laptop sleeve", "red shoes", "laptop sleeve", "a laptop?"]
+    assigned = routing.assign(queries)
+    rows = zip(queries, assigned.kind.tolist(), assigned.probability.tolist(), strict=True)
+    for query, kind, probability in rows:
+        probabilities = [k.detector.probability(query) for k in kinds]
+        passed = [p if p >= k.threshold else -1.0 for p, k in zip(probabilities, kinds, strict=True)]
+        assert kind == (int(np.argmax(passed)) if max(passed) >= 0 else -1)
+        assert probability == max(probabilities)
+    assert set(assigned.kind.tolist()) == {-1, 0, 1}  # each kind claims a query, one query neither
+    assert assigned.kind.dtype == np.intp and assigned.probability.dtype == np.float64
+
+
 def _headed(top_k: int | None, route_pairs: bool = False, margin: float | None = None) -> ShiftRouting:
     base = _routing()
     kind = dataclasses.replace(base.kinds[0], list_top_k=top_k, route_pairs=route_pairs)
