@@ -79,7 +79,8 @@ def register(subparsers: Any) -> None:
         type=float,
         default=2.0,
         help="while another model pass runs, a free worker waits this long at most for more requests "
-        "to share its pass (default 2; 0: start on whatever is queued)",
+        "to share its pass, and only while fewer are held than the clients' recent concurrency "
+        "(default 2; 0: start on whatever is queued)",
     )
     add_fallback_arguments(srv)
     srv.set_defaults(handler=_cmd_serve)

@@ -14,8 +14,11 @@ fallback (``Scorer.finish_arrays``) run per request on the scorer's executor: a 
 per-call meaning and a slow fallback never holds the model thread. While one pass runs, new requests
 queue and go together in the next (natural batching); while another pass runs, a free worker also
 waits up to ``gather_wait_ms`` (default 2) for ``gather_pairs`` queued pairs (default 64) instead of
-starting a pass on the first request to arrive (a lone request never waits: nothing else runs);
-``max_wait_ms`` > 0 also lingers that long for company after the first request arrives.
+starting a pass on the first request to arrive, but only while company can still come: while fewer
+requests are held (queued or in a pass) than the most held at once in the last second or two, the
+clients' concurrency (a lone request never waits: nothing else runs; a request that makes the
+held count whole again goes at once); ``max_wait_ms`` > 0 also lingers that long for company
+after the first request arrives.
 
 Each request gets what ``scorer.score_many`` gives for it alone, up to the int8 graph's batch effect:
 the int8 graph is dynamically quantized, so activation scales depend on the other rows of a batch and a
@@ -61,6 +64,11 @@ SPLIT_MIN_PAIRS = 8
 DEFAULT_GATHER_PAIRS = 64
 #: How long a free worker waits for company at most (``--gather-wait-ms``; 0 turns it off).
 DEFAULT_GATHER_WAIT_MS = 2.0
+#: The clients' concurrency is the most requests held at once over the last one to two windows of
+#: this many seconds. A free worker waits for company only while fewer are held: at 10 items x
+#: concurrency 4 the lone request a free worker finds is often the last one missing (the other three
+#: are in the running pass), and waiting for 64 pairs that cannot come cost the full wait each pass.
+CONCURRENCY_WINDOW_S = 1.0
 
 Results = list[list[PairScore]]
 
@@ -146,6 +154,10 @@ class RequestBatcher:
         self._finishing: set[asyncio.Task[None]] = set()
         self._model_threads: list[ThreadPoolExecutor] = []
         self._busy = 0  # model passes running now
+        self._in_passes = 0  # calls taken into model passes and not yet handed their results
+        self._peak_now = 0  # most calls held at once in this concurrency window
+        self._peak_before = 0  # ... and in the one before
+        self._window_start = 0.0
 
     # ----------------------------------------------------------------------------------------------
     async def submit(self, requests: Sequence[tuple[str, Sequence[str]]]) -> Results:
@@ -163,6 +175,7 @@ class RequestBatcher:
         wakeup = self._bind(loop)
         future: asyncio.Future[Results] = loop.create_future()
         self._pending.append(_Entry(flat, future))
+        self._note_peak(loop.time())
         self._queued_pairs += flat.n_pairs
         wakeup.set()
         return await future  # cancelling the caller cancels ``future``: the consumer skips it
@@ -195,6 +208,7 @@ class RequestBatcher:
                 logger.warning("request batcher moved to a new event loop; calls queued on the old one fail")
                 self._fail_pending(RuntimeError("the event loop serving this request stopped"))
             self._loop, self._wakeup, self._consumers = loop, asyncio.Event(), []
+            self._in_passes, self._peak_now, self._peak_before = 0, 0, 0
         assert self._wakeup is not None
         if not self._model_threads:
             self._model_threads = [
@@ -245,6 +259,7 @@ class RequestBatcher:
 
     async def _run_guarded(self, batch: list[_Entry], worker: int) -> None:
         """:meth:`_run`, failing (never stranding) the batch's calls if it breaks or is cancelled."""
+        self._in_passes += len(batch)
         try:
             await self._run(batch, worker)
         except asyncio.CancelledError:
@@ -255,6 +270,8 @@ class RequestBatcher:
             logger.exception("request batcher: a pass over %d calls failed unexpectedly", len(batch))
             for entry in batch:
                 _set_exception(entry.future, exc)
+        finally:
+            self._in_passes -= len(batch)
 
     async def _linger(self, wakeup: asyncio.Event) -> None:
         """Wait up to ``max_wait_ms`` for more calls, unless a full batch is already queued."""
@@ -262,12 +279,32 @@ class RequestBatcher:
 
     async def _gather(self, wakeup: asyncio.Event) -> None:
         """While another pass runs, wait up to ``gather_wait_ms`` for ``gather_pairs`` queued pairs
-        (ends early when every pass has finished: then nothing is gained by waiting)."""
-        if self.gather_wait_s <= 0 or self._busy == 0:
+        (ends early when every pass has finished, or when no more company can come: then nothing
+        is gained by waiting)."""
+        if self.gather_wait_s <= 0 or self._busy == 0 or not self._company_may_come():
             return
         await _wait_until(
-            wakeup, self.gather_wait_s, lambda: self._busy == 0 or self._queued_pairs >= self.gather_pairs
+            wakeup,
+            self.gather_wait_s,
+            lambda: (
+                self._busy == 0 or self._queued_pairs >= self.gather_pairs or not self._company_may_come()
+            ),
         )
+
+    def _held(self) -> int:
+        """Calls submitted and not answered yet: queued, in a model pass, or finishing."""
+        return len(self._pending) + self._in_passes + len(self._finishing)
+
+    def _note_peak(self, now: float) -> None:
+        """Keep the most calls held at once, per concurrency window (this one and the one before)."""
+        if now - self._window_start > CONCURRENCY_WINDOW_S:
+            self._peak_before, self._peak_now, self._window_start = self._peak_now, 0, now
+        self._peak_now = max(self._peak_now, self._held())
+
+    def _company_may_come(self) -> bool:
+        """Fewer calls are held now than at the recent peak: some clients are between an answer and
+        their next request, so a free worker waiting for them may get a fuller pass."""
+        return self._held() < max(self._peak_now, self._peak_before)
 
     def _take(self) -> list[_Entry]:
         """The queued calls of the next pass: the first live one, then more while they fit the cap."""
@@ -439,6 +476,7 @@ async def _wait_until(wakeup: asyncio.Event, seconds: float, done: Callable[[], 
 
 
 __all__ = [
+    "CONCURRENCY_WINDOW_S",
     "DEFAULT_GATHER_PAIRS",
     "DEFAULT_GATHER_WAIT_MS",
     "DEFAULT_MAX_BATCH_PAIRS",

@@ -469,39 +469,76 @@ async def _until(flag: threading.Event) -> None:
         await asyncio.sleep(0.001)
 
 
+async def _clients_at_once(batcher: RequestBatcher, requests: list[tuple[str, list[str]]]) -> None:
+    """Serve ``requests`` concurrently, as that many clients would: the batcher then knows the
+    clients' concurrency (the most calls it held at once), which decides whether waiting for
+    company can pay."""
+    await asyncio.gather(*(batcher.submit([r]) for r in requests))
+
+
 def test_a_free_worker_gathers_company_while_another_pass_runs(
     scorer: Scorer, real_requests: list[tuple[str, list[str]]]
 ) -> None:
     """While one pass runs, a request that arrives alone waits for company (up to ``gather_wait_ms``)
-    and shares the next pass with the one after it; a lone request never waits."""
+    while more clients than are held have been seen, and shares the next pass with the one after
+    it; a lone request never waits."""
     a, b, c = (real_requests[k] for k in (1, 2, 3))  # 2, 3 and 4 items: no split of a lone pass
     want_b, want_c = scorer.score_many([b])[0], scorer.score_many([c])[0]
 
-    async def go() -> tuple[float, RequestBatcher]:
+    async def go() -> float:
         batcher = RequestBatcher(scorer, gather_pairs=len(b[1]) + len(c[1]), gather_wait_ms=10_000)
         try:
             started = time.perf_counter()
             await batcher.submit([a])  # nothing else runs: no wait, whatever gather_wait_ms says
             lone_s = time.perf_counter() - started
+            await _clients_at_once(batcher, [a, b, c])  # three clients
+            before = batcher.passes
             entered, release = _gate_first_pass(batcher)
             first = asyncio.ensure_future(batcher.submit([a]))
             await _until(entered)
             second = asyncio.ensure_future(batcher.submit([b]))
             await asyncio.sleep(0.2)
-            assert not second.done() and batcher.passes == 1  # waiting for company, not started
+            assert not second.done() and batcher.passes == before  # waiting for company, not started
             third = asyncio.ensure_future(batcher.submit([c]))
             (got_b,), (got_c,) = await asyncio.gather(second, third)  # enough pairs queued: it goes
-            assert batcher.passes == 2 and batcher.requests == 3  # b and c in one pass, a still held
+            assert batcher.passes == before + 1  # b and c in one pass, a still held
             _assert_same([asdict(g) for g in got_b], want_b, FP32_TOLERANCE)
             _assert_same([asdict(g) for g in got_c], want_c, FP32_TOLERANCE)
             release.set()
             await first
-            return lone_s, batcher
+            assert batcher.passes == before + 2
+            return lone_s
         finally:
             await batcher.close()
 
-    lone_s, batcher = asyncio.run(go())
-    assert lone_s < 5 and batcher.passes == 3
+    assert asyncio.run(go()) < 5
+
+
+def test_a_free_worker_does_not_wait_for_company_that_cannot_come(
+    scorer: Scorer, real_requests: list[tuple[str, list[str]]]
+) -> None:
+    """With two clients, one in the running pass and the other's request queued, every client is
+    held: nobody else can join, so the free worker starts at once, whatever ``gather_wait_ms`` says."""
+    a, b = real_requests[1], real_requests[2]
+
+    async def go() -> float:
+        batcher = RequestBatcher(scorer, gather_pairs=1000, gather_wait_ms=60_000)
+        try:
+            await _clients_at_once(batcher, [a, b])  # two clients
+            entered, release = _gate_first_pass(batcher)
+            first = asyncio.ensure_future(batcher.submit([a]))
+            await _until(entered)
+            started = time.perf_counter()
+            await batcher.submit([b])  # goes while the first pass is still held
+            waited = time.perf_counter() - started
+            assert not first.done()
+            release.set()
+            await first
+            return waited
+        finally:
+            await batcher.close()
+
+    assert asyncio.run(go()) < 5  # not the 60 s gather wait
 
 
 def test_gathering_ends_when_the_other_pass_ends_or_at_its_deadline(
@@ -512,7 +549,7 @@ def test_gathering_ends_when_the_other_pass_ends_or_at_its_deadline(
     async def waited(gather_wait_ms: float, release_after_s: float | None) -> float:
         batcher = RequestBatcher(scorer, gather_pairs=1000, gather_wait_ms=gather_wait_ms)
         try:
-            await batcher.submit([a])
+            await _clients_at_once(batcher, [a, b, a])  # three clients: company may come
             entered, release = _gate_first_pass(batcher)
             first = asyncio.ensure_future(batcher.submit([a]))
             await _until(entered)
