@@ -217,12 +217,7 @@ class ShiftRouting:
         """The student's logits plus each row's population correction (``kind``: each row's
         population, -1 for none): their argmax is the grade decision."""
         biases = [(k.name, k.logit_bias) for k in self.kinds]
-        biases.append(("in-distribution", self.in_distribution_bias))
-        array: NDArray[np.float64] = np.asarray(logits, np.float64)
-        table = _bias_table(biases, array.shape[1]) if array.ndim == 2 and len(array) else None
-        if table is None:  # no rows, no correction, or a bias of the wrong length (_corrected names it)
-            return _corrected(array, kind, biases)
-        return array + table[np.asarray(kind, np.intp)]  # row -1 of the table: the in-distribution rest
+        return _corrected(logits, kind, [*biases, ("in-distribution", self.in_distribution_bias)])
 
     def student_grades(self, logits: NDArray[np.floating], kind: NDArray[np.intp]) -> NDArray[np.intp]:
         """The student's grade decisions (``kind`` as above): argmax of its corrected logits."""
@@ -407,40 +402,35 @@ def row_argmax(values: NDArray[np.floating]) -> NDArray[np.intp]:
     return np.asarray(values).argmax(axis=1) if len(values) else np.zeros(0, np.intp)
 
 
-def _bias_table(biases: list[tuple[str, tuple[float, ...] | None]], width: int) -> NDArray[np.float64] | None:
-    """``biases`` as one (populations, ``width``) array, zeros where a population has none, so a
-    correction is one indexed add: row k for population k, the last row for population -1. None
-    when no population has a correction or one has the wrong length."""
-    if all(bias is None for _, bias in biases):
-        return None
-    if any(bias is not None and len(bias) != width for _, bias in biases):
-        return None
-    return np.asarray([bias if bias is not None else (0.0,) * width for _, bias in biases], np.float64)
-
-
 def _corrected(
     values: NDArray[np.floating], kind: NDArray[np.intp], biases: list[tuple[str, tuple[float, ...] | None]]
 ) -> NDArray[np.float64]:
     """``values`` with ``biases[k]`` added to the rows of population ``k`` (the last entry:
-    population -1, the in-distribution rest); no copy when no bias applies."""
+    population -1, the in-distribution rest); no copy when no population has a bias.
+
+    One indexed add of a (populations, grades) table, zeros where a population has none: this runs
+    on every call right after the model pass, where each numpy call costs several times its idle
+    price (docs/benchmarks.md, "Eighth session")."""
     array: NDArray[np.float64] = np.asarray(values, np.float64)
-    if not len(array):
+    if not len(array) or all(bias is None for _, bias in biases):
         return array
     kind = np.asarray(kind, np.intp)
-    out = array
+    width = array.shape[1]
     for index, (name, bias) in enumerate(biases):
-        rows = kind == (index if index < len(biases) - 1 else -1)
-        if bias is None or not rows.any():
-            continue
-        if len(bias) != array.shape[1]:
+        if (
+            bias is not None
+            and len(bias) != width
+            and (kind == (index if index < len(biases) - 1 else -1)).any()
+        ):
             raise BundleError(
                 f"{name!r} grade-prior correction has {len(bias)} logit biases for "
-                f"{array.shape[1]} grades; re-export the bundle"
+                f"{width} grades; re-export the bundle"
             )
-        if out is array:
-            out = array.copy()
-        out[rows] += np.asarray(bias)
-    return out
+    table = np.asarray(
+        [bias if bias is not None and len(bias) == width else (0.0,) * width for _, bias in biases],
+        np.float64,
+    )
+    return array + table[kind]  # kind -1 reads the last row: the in-distribution rest
 
 
 def blend_answer(
