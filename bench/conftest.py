@@ -7,7 +7,7 @@ Environment:
     DARL_BENCH_THREADS thread budgets to run, e.g. "2" (default "1,2"); ``bench.run`` runs one
                        process per budget so the tokenizers' and BLAS pools are held to it as well
     DARL_BENCH_SIZES   items per query, e.g. "1,10" (default "1,10,100,1000")
-    DARL_BENCH_SECONDS target seconds of timed calls per case (default 3; rounds 3..200)
+    DARL_BENCH_SECONDS target seconds of timed calls per case (default 3; rounds 3..2000)
 """
 
 from __future__ import annotations

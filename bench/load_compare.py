@@ -10,7 +10,8 @@ one server, then the other, for ``--rounds`` rounds, swapping who goes first eac
 machine is shared and its speed drifts by tens of percent within minutes, so only figures taken
 side by side compare. Per case: the median over rounds of throughput and of p99, and the ratio.
 Extra darl-lite variants (e.g. ``--no-batching``) can join with ``--variant NAME=ARGS``;
-``--sizes`` and ``--concurrency`` pick the cases (default: all six).
+``--sizes`` and ``--concurrency`` pick the cases (default: all six); ``--pairs`` (default) or
+``--requests`` sets each case's length, as in :mod:`bench.load_server`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.load_server import CONCURRENCY, SIZES, int_list, run, run_load
+from bench.load_server import CONCURRENCY, PAIRS, SIZES, int_list, requests_per_case, run, run_load
 
 
 def _wait_up(url: str, process: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:
@@ -78,6 +79,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                         sizes=args.sizes,
                         concurrency=args.concurrency,
                         requests=args.requests,
+                        pairs=args.pairs,
                         deadline_s=args.deadline,
                     )
                 )
@@ -130,13 +132,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sizes", type=int_list, default=SIZES, help="items per request (default 10,100)")
     parser.add_argument("--concurrency", type=int_list, default=CONCURRENCY, help="workers (default 1,4,16)")
-    parser.add_argument("--requests", type=int, default=200, help="timed requests per case")
-    parser.add_argument("--deadline", type=float, default=60.0, help="seconds per case at most")
+    count = parser.add_mutually_exclusive_group()
+    count.add_argument(
+        "--pairs", type=int, default=None,
+        help=f"scored pairs per case, the same work at every size (default {PAIRS:,})",
+    )  # fmt: skip
+    count.add_argument("--requests", type=int, default=None, help="timed requests per case instead")
+    parser.add_argument("--deadline", type=float, default=120.0, help="seconds per case at most")
     parser.add_argument("--port", type=int, default=8180, help="first port; one per contender")
     parser.add_argument("--variant", action="append", default=[], help="NAME=EXTRA_SERVE_ARGS, repeatable")
     parser.add_argument("--logs", type=Path, default=Path("/tmp"), help="server logs go here")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.requests is None and args.pairs is None:
+        args.pairs = PAIRS
+    try:
+        for n in args.sizes:
+            requests_per_case(n, pairs=args.pairs, requests=args.requests)
+    except ValueError as exc:
+        parser.error(str(exc))
     summary = compare(args)
     if args.out is not None:
         args.out.write_text(json.dumps(summary, indent=2) + "\n")

@@ -3,9 +3,16 @@
     darl-lite serve darl-lite-run/bundle --port 8080 --threads 2 &          # or: python -m bench.peer_server
     python -m bench.load_server --url http://127.0.0.1:8080 --out bench/results/load_darl.json
 
-Each case is one request size × one concurrency: ``--requests`` requests of one real id_test query
-with 10 (or 100) distinct real id_test items, sent by ``concurrency`` workers that each keep one
-request in flight, after ``--warmup`` untimed requests. Every size scores the same items: the
+Each case is one request size × one concurrency: requests of one real id_test query with 10 (or
+100) distinct real id_test items, sent by ``concurrency`` workers that each keep one request in
+flight, after ``--warmup`` untimed requests. How many: ``--pairs`` scored pairs per case (default
+20,000: 2,000 requests of 10 items, 200 of 100), so every size does the same work and runs about
+as long; or ``--requests`` requests whatever their size. Why equal work: a case's start (workers
+that find one request, a pipeline still filling) and end (the last passes half full) cost about
+the same wall time at any size, and a case of 150 10-item requests (2-3 s) weighed them ten times
+more than one of 150 100-item requests: at concurrency 16 on the same server, 150 10-item requests
+gave 550 pairs/s and 1,500 gave 597 (median of 4 alternating rounds, 2026-12-07, AVX2 machine).
+Every size scores the same items: the
 largest size's request (``bench.common.latency_requests``) is cut into slices of the smaller size,
 sent in turn (``request_slices``), so pairs per second compare request sizes on the same work per
 pair. (A 10-item prefix alone has longer items than the 100-item request: 14.0 against 12.9 tokens,
@@ -42,6 +49,7 @@ from urllib.parse import urlparse
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SIZES: tuple[int, ...] = (10, 100)
 CONCURRENCY: tuple[int, ...] = (1, 4, 16)
+PAIRS = 20_000  # scored pairs per case by default (module docstring: equal work per case)
 T = TypeVar("T")
 
 
@@ -167,6 +175,23 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
         await reader.readexactly(2)
 
 
+def requests_per_case(items: int, *, pairs: int | None, requests: int | None) -> int:
+    """Requests a case of ``items``-item requests sends: ``requests`` when given, else enough for
+    ``pairs`` scored pairs (at least one); ValueError naming the option when neither is usable."""
+    if items < 1:
+        raise ValueError(f"request size must be >= 1, got {items}")
+    if (pairs is None) == (requests is None):
+        raise ValueError("give exactly one of pairs (--pairs) and requests (--requests)")
+    if requests is not None:
+        if requests < 1:
+            raise ValueError(f"--requests must be >= 1, got {requests}")
+        return requests
+    assert pairs is not None
+    if pairs < 1:
+        raise ValueError(f"--pairs must be >= 1, got {pairs}")
+    return max(1, round(pairs / items))
+
+
 def request_slices(items: list[str], size: int) -> list[list[str]]:
     """``items`` cut into consecutive slices of ``size`` (a shorter tail is dropped; at least one)."""
     if size < 1:
@@ -277,16 +302,23 @@ async def run_load(
     *,
     sizes: tuple[int, ...] = SIZES,
     concurrency: tuple[int, ...] = CONCURRENCY,
-    requests: int = 200,
-    deadline_s: float = 60.0,
+    requests: int | None = None,
+    deadline_s: float = 120.0,
     timeout_s: float = 30.0,
     warmup: int = 2,
     token: str | None = None,
+    pairs: int | None = None,
 ) -> dict[str, Any]:
-    """Every size × concurrency case against ``url``, one after the other; JSON-ready."""
+    """Every size × concurrency case against ``url``, one after the other; JSON-ready.
+
+    Each case sends ``requests`` requests, or (default) enough for ``pairs`` scored pairs
+    (:data:`PAIRS` when neither is given): :func:`requests_per_case`."""
     from bench.common import latency_requests
 
     base = check_loopback(url)
+    if requests is None and pairs is None:
+        pairs = PAIRS
+    counts = {n: requests_per_case(n, pairs=pairs, requests=requests) for n in sizes}
     parts = urlparse(base)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     largest = max(sizes)
@@ -303,7 +335,7 @@ async def run_load(
             connections = [HTTPConnection(host, port, headers) for _ in range(c)]
             try:
                 cases.append(
-                    await run_case(connections, query, slices, requests, deadline_s, warmup, timeout_s)
+                    await run_case(connections, query, slices, counts[n], deadline_s, warmup, timeout_s)
                 )
             finally:
                 for connection in connections:
@@ -315,7 +347,9 @@ async def run_load(
         "client": f"bench.load_server.HTTPConnection on {event_loop_name()}",
         "items": f"slices of the {largest}-item request, sent in turn",
         "settings": {
+            "pairs": pairs,
             "requests": requests,
+            "requests_per_case": {str(n): k for n, k in counts.items()},
             "deadline_s": deadline_s,
             "timeout_s": timeout_s,
             "warmup": warmup,
@@ -372,15 +406,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="the server (loopback only)")
     parser.add_argument("--sizes", type=int_list, default=SIZES, help="items per request (default 10,100)")
     parser.add_argument("--concurrency", type=int_list, default=CONCURRENCY, help="workers (default 1,4,16)")
-    parser.add_argument("--requests", type=int, default=200, help="timed requests per case")
-    parser.add_argument("--deadline", type=float, default=60.0, help="seconds per case at most")
+    count = parser.add_mutually_exclusive_group()
+    count.add_argument(
+        "--pairs", type=int, default=None,
+        help=f"scored pairs per case, the same work at every size (default {PAIRS:,})",
+    )  # fmt: skip
+    count.add_argument("--requests", type=int, default=None, help="timed requests per case instead")
+    parser.add_argument("--deadline", type=float, default=120.0, help="seconds per case at most")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request at most")
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests before each case")
     parser.add_argument("--token-env", default=None, help="environment variable holding the bearer token")
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     args = parser.parse_args(argv)
+    if args.requests is None and args.pairs is None:
+        args.pairs = PAIRS
     try:
         check_loopback(args.url)
+        for n in args.sizes:
+            requests_per_case(n, pairs=args.pairs, requests=args.requests)
     except ValueError as exc:
         parser.error(str(exc))
     token = os.environ.get(args.token_env) if args.token_env else None
@@ -394,6 +437,7 @@ def main(argv: list[str] | None = None) -> None:
             timeout_s=args.timeout,
             warmup=args.warmup,
             token=token,
+            pairs=args.pairs,
         )
     )
     if args.out is not None:

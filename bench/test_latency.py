@@ -8,17 +8,18 @@ One round = one request: one query with ``n_items`` items, scored end to end (fo
 validation, tokenising, bucketing, the ONNX graph, OOD score, routing, result objects). The raw
 session runs the int8 graph on the runtime's own batch plan, pre-tokenised and pre-padded: the floor
 for this model; the runtime's overhead is the gap. Rounds are sized so each case times about
-``DARL_BENCH_SECONDS`` of calls (at least 3, at most 200), after warm-up calls.
+``DARL_BENCH_SECONDS`` of calls (at least 3, at most 2,000), after warm-up calls: the rule of the
+pytest plugin users time their own nodes with (``darl_lite.pytest_plugin.rounds_for``).
 """
 
 from __future__ import annotations
 
-import math
 import time
 
 import pytest
 
 from bench.common import CONTENDERS
+from darl_lite.pytest_plugin import rounds_for
 
 
 @pytest.mark.parametrize("contender", list(CONTENDERS))
@@ -33,7 +34,7 @@ def test_latency(
     started = time.perf_counter()
     call()  # the estimate that sizes the rounds
     estimate = time.perf_counter() - started
-    rounds = max(3, min(200, math.ceil(seconds_per_case / max(estimate, 1e-6))))
+    rounds = rounds_for(estimate, seconds_per_case)
     result = benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
     assert result is not None
     benchmark.group = f"n={n_items} threads={threads}"

@@ -16,6 +16,8 @@ from typing import cast
 import httpx
 import pytest
 
+from bench.load_server import requests_per_case
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "tests" / "fixtures" / "tiny_bundle"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -89,6 +91,45 @@ def test_fixed_count_report(served: str, tmp_path: Path) -> None:
         assert case["pairs_per_s"] == pytest.approx(60 / case["wall_s"])
         assert 0 < case["p50_ms"] <= case["p99_ms"] <= case["max_ms"]
     assert "| 10 | 4 |" in done.stdout  # the Markdown table
+
+
+def test_equal_pairs_per_case_by_default(served: str, tmp_path: Path) -> None:
+    """--pairs: every size scores the same number of pairs, so sizes compare on equal work."""
+    out = tmp_path / "load.json"
+    done = _load(
+        "--url", served, "--sizes", "10,20", "--concurrency", "2", "--pairs", "60", "--out", str(out)
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["settings"]["requests_per_case"] == {"10": 6, "20": 3}
+    cases = report["cases"]
+    assert [(c["items"], c["requested"], c["completed"], c["errors"]) for c in cases] == [
+        (10, 6, 6, 0),
+        (20, 3, 3, 0),
+    ]
+    assert {c["items"] * c["completed"] for c in cases} == {60}
+
+
+def test_requests_per_case() -> None:
+    assert requests_per_case(10, pairs=20_000, requests=None) == 2000
+    assert requests_per_case(100, pairs=20_000, requests=None) == 200
+    assert requests_per_case(1000, pairs=100, requests=None) == 1  # at least one request
+    assert requests_per_case(100, pairs=None, requests=7) == 7
+    for items, pairs, requests, named in (
+        (10, 0, None, "--pairs"),
+        (10, None, 0, "--requests"),
+        (10, 5, 5, "exactly one"),
+        (10, None, None, "exactly one"),
+        (0, 5, None, "request size"),
+    ):
+        with pytest.raises(ValueError, match=named):
+            requests_per_case(items, pairs=pairs, requests=requests)
+
+
+def test_refuses_pairs_and_requests_together_and_nonsense_counts() -> None:
+    assert _load("--pairs", "10", "--requests", "10", timeout=60).returncode == 2
+    refused = _load("--pairs", "0", timeout=60)
+    assert refused.returncode == 2 and "--pairs must be >= 1" in refused.stderr
 
 
 def test_deadline_stops_it(served: str, tmp_path: Path) -> None:

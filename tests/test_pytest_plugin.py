@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from darl_lite.pytest_plugin import parse_sizes, rounds_for, shipped_requests
+from darl_lite.pytest_plugin import MAX_ROUNDS, parse_sizes, rounds_for, shipped_requests
 
 pytest_plugins = ["pytester"]
 
@@ -44,7 +44,7 @@ def test_user_suite_times_the_bundle_at_each_size(pytester: pytest.Pytester) -> 
         bench = benchmarks[name]
         assert bench["extra_info"]["pairs"] == size and bench["extra_info"]["threads"] == 1
         assert bench["group"] == f"darl-lite n={size} threads=1"
-        assert 3 <= bench["stats"]["rounds"] <= 200
+        assert 3 <= bench["stats"]["rounds"] <= MAX_ROUNDS
         assert bench["stats"]["median"] > 0
 
 
@@ -80,7 +80,7 @@ def test_sizes_rounds_and_requests() -> None:
     assert parse_sizes("100,1,100") == (100, 1)
     with pytest.raises(pytest.UsageError, match="each >= 1"):
         parse_sizes("0")
-    assert (rounds_for(1.0, 3.0), rounds_for(0.01, 3.0), rounds_for(1e-9, 3.0)) == (3, 200, 200)
+    assert (rounds_for(1.0, 3.0), rounds_for(0.01, 3.0), rounds_for(1e-9, 3.0)) == (3, 300, MAX_ROUNDS)
     assert rounds_for(0.05, 3.0) == 60
     # The same real requests as bench/ (one rule, checked here so the two cannot drift apart).
     sys.path.insert(0, str(ROOT))
