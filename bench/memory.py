@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import thread_env
 
@@ -119,7 +120,7 @@ def _importtime_top(k: int = 8) -> list[dict]:
         text=True,
         check=True,
     )
-    rows = []
+    rows: list[dict[str, Any]] = []
     for line in done.stderr.splitlines():
         m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|\s*(\S+)", line)
         if m and "." not in m.group(3):

@@ -66,11 +66,11 @@ def stage_split(scorer: Scorer, query: str, items: list[str], reps: int) -> dict
         logits, pooled, ood = outputs.logits, outputs.pooled, outputs.ood
         tick("session_runs_and_scatter", t)
         t = time.perf_counter()
-        ood = ood.astype(np.float64) if ood is not None else scorer.detector.score(pooled)
+        ood_scores = ood.astype(np.float64) if ood is not None else scorer.detector.score(pooled)
         t = tick("ood_score (numpy; ~0 when in the graph)", t)
         routing = plan_call(
             logits,
-            ood,
+            ood_scores,
             queries,
             temperature=scorer.temperature,
             policy=scorer.routing,
@@ -82,7 +82,7 @@ def stage_split(scorer: Scorer, query: str, items: list[str], reps: int) -> dict
             probabilities=routing.student,
             student_probabilities=routing.student,
             logits=logits,
-            ood_scores=ood,
+            ood_scores=ood_scores,
             candidate=routing.candidate,
             routed=routing.routed,
             from_llm=np.zeros(n, bool),
@@ -172,8 +172,9 @@ def run(bundle: Path, n_items: int, threads: int, reps: int) -> dict:
     stream = io.StringIO()
     stats = pstats.Stats(profiler, stream=stream).sort_stats("tottime")
     top = []
+    by_function = stats.stats  # type: ignore[attr-defined]  # set by pstats at runtime, not in its stubs
     for (file, line, func), (_cc, calls, tottime, cumtime, _) in sorted(
-        stats.stats.items(), key=lambda kv: -kv[1][2]
+        by_function.items(), key=lambda kv: -kv[1][2]
     )[:15]:
         top.append(
             {

@@ -82,7 +82,7 @@ def reliability(probs: np.ndarray, grades: np.ndarray, n_bins: int = 15) -> dict
 
 
 def evaluate(probs: np.ndarray, grades: np.ndarray, qids: list[str], gains, names) -> dict:
-    report = grading_report(probs, grades, qids, gains=gains)
+    report: dict[str, Any] = grading_report(probs, grades, qids, gains=gains)
     f1 = per_class_f1(grades, probs.argmax(axis=1), probs.shape[1])
     report["per_grade_f1"] = {name: float(v) for name, v in zip(names, f1, strict=True)}
     return report
@@ -123,8 +123,8 @@ def run(
     for split in SPLITS:
         pairs = list(data.split(split))
         if max_queries is not None:
-            keep = sorted({p.query_id for p in pairs})[:max_queries]
-            pairs = [p for p in pairs if p.query_id in keep]
+            keep = set(sorted({str(p.query_id) for p in pairs})[:max_queries])
+            pairs = [p for p in pairs if str(p.query_id) in keep]
         queries, items = [p.query for p in pairs], [p.item for p in pairs]
         grades = np.asarray([p.grade for p in pairs])
         qids = [p.query_id or p.query for p in pairs]
@@ -216,7 +216,8 @@ def main() -> None:
     args = parser.parse_args()
     result, arrays = run(args.bundle, args.st_dir, args.threads, RATES, args.repeats, args.max_queries)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    np.savez(args.out.with_suffix(".npz"), **arrays)
+    named: dict[str, Any] = dict(arrays)  # savez's keywords: arrays by name
+    np.savez(args.out.with_suffix(".npz"), **named)
 
 
 if __name__ == "__main__":
