@@ -53,7 +53,7 @@ def tiny_student_dir(tmp_path_factory: pytest.TempPathFactory, splits: Splits) -
     )
     model = BertForSequenceClassification(config)
     train = _sample(splits.train, 960)
-    one_hot = np.eye(3, dtype=np.float32)[[p.grade for p in train]]
+    one_hot = np.eye(3, dtype=np.float32)[np.asarray([p.grade for p in train], dtype=np.int64)]
     distill_student(
         model,
         tokenizer,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -99,7 +100,7 @@ def test_threads_never_overspend() -> None:
     ("kwargs", "message"),
     [({"max_fraction": 1.5}, "max_fraction"), ({"max_fraction": 0.1, "window_s": 0}, "window_s")],
 )
-def test_budget_validation(kwargs: dict[str, float], message: str) -> None:
+def test_budget_validation(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(InputError, match=message):
         RouteBudget(**kwargs)
     with pytest.raises(InputError, match="wanted"):

@@ -39,7 +39,7 @@ def fresh_shift_bundle(tiny_bundle_dir: Path, splits: Splits, tmp_path: Path) ->
     return write_with_shift_routing(load_bundle(tiny_bundle_dir), shift, str(tmp_path / "b")).directory
 
 
-def _per_query(pairs: object, n: int) -> list:  # type: ignore[type-arg]
+def _per_query(pairs: object, n: int) -> list:
     """At most ``n`` pairs of every query, so a few hundred pairs span many queries."""
     seen: dict[str, int] = {}
     out = []
@@ -257,6 +257,7 @@ def test_routed_pairs_are_answered_by_the_bundle_s_blend_of_teacher_and_student(
     expected = 0.5 * probs + 0.5 * arrays.student_probabilities
     np.testing.assert_allclose(arrays.probabilities, expected, atol=1e-6)
     np.testing.assert_allclose(arrays.probabilities.sum(axis=1), 1.0, atol=1e-6)
+    assert arrays.grades is not None
     assert arrays.grades.tolist() == expected.argmax(1).tolist()  # no fallback correction here
 
 
@@ -314,6 +315,7 @@ def test_a_lone_routed_pair_takes_the_teacher_s_grade_and_its_list_keeps_the_stu
     keyword, its = _query_pairs(splits, "id_test")
     alone = scorer.score_arrays([keyword] * len(its), its)
     probs = np.asarray(teacher.predict_proba([Pair(keyword, i) for i in its]))
+    assert alone.list_routed is not None and alone.grades is not None
     assert alone.from_llm.all() and not alone.list_routed.any()
     np.testing.assert_array_equal(alone.probabilities, alone.student_probabilities)  # the ranking
     blend = 0.5 * probs + 0.5 * alone.student_probabilities
@@ -321,6 +323,7 @@ def test_a_lone_routed_pair_takes_the_teacher_s_grade_and_its_list_keeps_the_stu
 
     query, items = _query_pairs(splits, "ood_test")
     listed = scorer.score_arrays([query] * len(items), items)
+    assert listed.list_routed is not None
     head = np.argsort(-(listed.student_probabilities @ np.asarray(scorer.gains)), kind="stable")[:3]
     assert np.flatnonzero(listed.list_routed).tolist() == sorted(head.tolist())
     probs = np.asarray(teacher.predict_proba([Pair(query, i) for i in items]))

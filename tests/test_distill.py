@@ -318,7 +318,8 @@ def test_load_student_refuses_non_local_backbone(tmp_path: Path) -> None:
 
 
 def _check_teacher(teacher: HFTeacher, pairs: list[Pair]) -> np.ndarray:
-    assert isinstance(teacher, Teacher)
+    as_teacher: Teacher = teacher  # the protocol, checked by mypy here and at run time below
+    assert isinstance(as_teacher, Teacher)
     teacher.batch_size = 1
     one = teacher.predict_proba(pairs)
     teacher.batch_size = 7

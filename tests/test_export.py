@@ -319,7 +319,7 @@ def test_decoder_with_score_head_exports(tmp_path: Path) -> None:
 
 def test_quantize_rejects_bad_arguments(tiny: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(InputError, match="preset"):
-        quantize_int8(tiny["info"].path, tmp_path / "a.onnx", preset="avx1")  # type: ignore[arg-type]
+        quantize_int8(tiny["info"].path, tmp_path / "a.onnx", preset="avx1")
     with pytest.raises(InputError, match="not nodes"):
         quantize_int8(tiny["info"].path, tmp_path / "a.onnx", exclude_nodes=["no_such_node"])
     with pytest.raises(InputError, match="does not exist"):
@@ -332,7 +332,7 @@ def test_export_rejects_a_model_without_head(tiny: dict[str, Any], tmp_path: Pat
     with pytest.raises(InputError, match="AutoModelForSequenceClassification"):
         export_onnx(tiny["model"].bert, tiny["tokenizer"], tmp_path / "x.onnx")
     with pytest.raises(InputError, match="exporter"):
-        export_onnx(tiny["model"], tiny["tokenizer"], tmp_path / "x.onnx", exporter="tf")  # type: ignore[arg-type]
+        export_onnx(tiny["model"], tiny["tokenizer"], tmp_path / "x.onnx", exporter="tf")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -132,7 +132,8 @@ def test_local_grader_gives_distributions_that_do_not_depend_on_batch_size(
     one_by_one = LocalLLMGrader(*tiny_lm, batch_size=1)(PAIRS)  # no padding at all
     np.testing.assert_allclose(probs, one_by_one, atol=1e-6)
     assert grader([]).shape == (0, 3)
-    assert isinstance(grader, Teacher)
+    as_teacher: Teacher = grader  # the protocol, checked by mypy here and at run time below
+    assert isinstance(as_teacher, Teacher)
     assert grader.predict_proba(PAIRS).dtype == np.float32
 
 

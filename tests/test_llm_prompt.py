@@ -98,4 +98,4 @@ def test_breaker_state_machine() -> None:
 def test_breaker_rejects_bad_settings() -> None:
     for kwargs in ({"failure_threshold": 0}, {"failure_threshold": True}, {"reset_timeout_s": 0}):
         with pytest.raises(InputError):
-            CircuitBreaker(**kwargs)  # type: ignore[arg-type]
+            CircuitBreaker(**kwargs)

@@ -9,10 +9,13 @@ CDFs (first C−1 entries): F_q1 = [1/4, 3/4], F_q2 = [1/2, 3/4].
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import pytest
 
 torch = pytest.importorskip("torch")
+if TYPE_CHECKING:
+    from torch import Tensor
 
 from darl_lite.distill.graded_loss import (  # noqa: E402
     confidence_penalty,
@@ -43,7 +46,7 @@ def _one_torch_thread():
     torch.set_num_threads(old)
 
 
-def logits() -> torch.Tensor:
+def logits() -> Tensor:
     return torch.tensor([[0.0, LN2, 0.0], [LN2, 0.0, 0.0]], dtype=torch.float64)
 
 
@@ -53,7 +56,7 @@ ONE_HOT = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
 SOFT = torch.tensor([[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]], dtype=torch.float64)
 
 
-def close(value: torch.Tensor, expected: float) -> None:
+def close(value: Tensor, expected: float) -> None:
     assert float(value) == pytest.approx(expected, abs=1e-9)
 
 
@@ -225,7 +228,7 @@ def test_saturated_logits_stay_finite():
     for kind in ("margin", "confidence"):
         for ordinal in ("emd", "emd2", "cumulative"):
             z.grad = None
-            loss = graded_loss(z, torch.tensor([2, 0]), kind=kind, ordinal=ordinal)  # type: ignore[arg-type]
+            loss = graded_loss(z, torch.tensor([2, 0]), kind=kind, ordinal=ordinal)
             loss.backward()
             assert torch.isfinite(loss) and z.grad is not None and torch.isfinite(z.grad).all()
 
@@ -246,8 +249,8 @@ def test_margin_penalty_pulls_the_gap_in():
         lambda: graded_loss(torch.zeros(2, 3), torch.tensor([0, 1]), ordinal_weight=-1.0),
         lambda: soft_graded_loss(torch.zeros(2, 3), torch.zeros(2, 2)),
         lambda: soft_graded_loss(torch.zeros(2, 3), SOFT.float(), temperature=0.0),
-        lambda: ordinal_loss(torch.zeros(2, 3), SOFT.float(), "coral"),  # type: ignore[arg-type]
-        lambda: overconfidence_loss(torch.zeros(2, 3), "smooth"),  # type: ignore[arg-type]
+        lambda: ordinal_loss(torch.zeros(2, 3), SOFT.float(), "coral"),
+        lambda: overconfidence_loss(torch.zeros(2, 3), "smooth"),
         lambda: margin_penalty(torch.zeros(2, 3), margin=-1.0),
         lambda: graded_distillation_loss(torch.zeros(2, 3), SOFT.float(), GRADES, alpha=1.5),
     ],

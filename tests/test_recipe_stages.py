@@ -6,10 +6,14 @@ bit-identical, fine-tuning moves it (full or LoRA, merged back), interpolation r
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+if TYPE_CHECKING:
+    from torch import Tensor
 pytest.importorskip("transformers")
 
 # --------------------------------------------------------------------------------------------------
@@ -63,12 +67,12 @@ def _one_torch_thread():
     torch.set_num_threads(old)
 
 
-def backbone_state(model) -> dict[str, torch.Tensor]:
+def backbone_state(model) -> dict[str, Tensor]:
     head_name, _ = head_of(model)
     return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(head_name + ".")}
 
 
-def head_state(model) -> dict[str, torch.Tensor]:
+def head_state(model) -> dict[str, Tensor]:
     _, head = head_of(model)
     return {k: v.clone() for k, v in head.state_dict().items()}
 
@@ -347,7 +351,7 @@ def test_recipe_config_and_inputs_are_checked():
     with pytest.raises(InputError, match="interpolate"):
         RecipeConfig(stages=("probe", "interpolate"))
     with pytest.raises(InputError, match="loss"):
-        RecipeConfig(loss="mse")  # type: ignore[arg-type]
+        RecipeConfig(loss="mse")
     model, tokenizer = tiny_bert(), bert_tokenizer()
     with pytest.raises(InputError, match="pool"):
         run_recipe(model, tokenizer, toy_pairs(6), {"dev": toy_pairs(3)}, augmentation="dasa")

@@ -291,7 +291,7 @@ def _content(path: Path) -> bytes:
 
 def _records(path: Path) -> list[tuple[str, str]]:
     with gzip.open(path, "rt", encoding="utf-8") as handle:
-        return [tuple(json.loads(line)[k] for k in ("query", "item")) for line in handle]  # type: ignore[misc]
+        return [tuple(json.loads(line)[k] for k in ("query", "item")) for line in handle]
 
 
 def test_labeling_writes_every_pair_once_in_the_teacher_file_format(

@@ -36,7 +36,7 @@ from darl_lite.shift import QueryShiftDetector, fit_query_shift, query_tokens
 from darl_lite.shift_routing import ShiftKind, ShiftRouting
 
 
-def _queries(splits, name: str) -> list[str]:  # type: ignore[no-untyped-def]
+def _queries(splits, name: str) -> list[str]:
     return sorted({p.query for p in splits.split(name)})
 
 
@@ -44,7 +44,7 @@ def test_tokens_keep_question_marks_and_case_fold() -> None:
     assert query_tokens("Who is the Mayor of Berlin?") == ["who", "is", "the", "mayor", "of", "berlin", "?"]
 
 
-def test_domain_classifier_separates_questions_from_keywords_on_held_out_queries(splits) -> None:  # type: ignore[no-untyped-def]
+def test_domain_classifier_separates_questions_from_keywords_on_held_out_queries(splits) -> None:
     detector = fit_query_shift(_queries(splits, "train"), _queries(splits, "ood_train"), l2=0.1)
     score = auroc(
         detector.probabilities(_queries(splits, "dev")), detector.probabilities(_queries(splits, "ood_dev"))
@@ -54,7 +54,7 @@ def test_domain_classifier_separates_questions_from_keywords_on_held_out_queries
     assert detector.probability("rivers germany") < 0.5
 
 
-def test_detector_json_round_trip_and_refusals(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_detector_json_round_trip_and_refusals(tmp_path) -> None:
     detector = fit_query_shift(
         ["red shoes", "cheap laptop bag"], ["which shoe is best?", "who sells bags?"], min_count=1
     )
@@ -90,7 +90,7 @@ def _plan(
     queries: list[str],
     budget: RouteBudget | None = None,
     logits: np.ndarray | None = None,
-):  # type: ignore[no-untyped-def]
+):
     n = len(queries)
     logits = np.tile([2.0, 1.9, -3.0], (n, 1)) if logits is None else logits  # the student is unsure
     policy = RoutingPolicy(error_threshold=0.3, max_route_fraction=0.5)
@@ -235,7 +235,7 @@ def test_choose_grade_weight_takes_the_answer_that_grades_better_held_out() -> N
     assert choose_grade_weight(same, seeds=2)[0] == 0.5  # equal answers: the served blend
 
 
-def test_teacher_weight_round_trips_and_old_files_read_as_teacher_alone(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_teacher_weight_round_trips_and_old_files_read_as_teacher_alone(tmp_path) -> None:
     path = tmp_path / "shift.json"
     dataclasses.replace(_routing(), teacher_weight=0.5).save(str(path))
     assert ShiftRouting.load(str(path)).teacher_weight == 0.5
@@ -272,7 +272,7 @@ def test_fit_logit_bias_recovers_a_shifted_prior() -> None:
     assert after > before + 0.05
 
 
-def test_fit_shift_kind_routes_lists_only_where_the_teacher_ranks_better(splits) -> None:  # type: ignore[no-untyped-def]
+def test_fit_shift_kind_routes_lists_only_where_the_teacher_ranks_better(splits) -> None:
     rng = np.random.default_rng(0)
     dev = [p for name in ("dev", "ood_dev") for p in splits.split(name)]
     grades = np.asarray([p.grade for p in dev])
@@ -366,7 +366,7 @@ def test_bootstrap_interval_brackets_the_mean() -> None:
     assert lo < 0.2 < hi
 
 
-def test_shift_routing_file_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_shift_routing_file_round_trip(tmp_path) -> None:
     routing = _routing(bias=(0.0, 0.5, 1.0), in_bias=(0.0, 0.25, 0.75))
     path = tmp_path / "shift.json"
     routing.save(str(path))
@@ -516,7 +516,7 @@ def test_choose_list_top_k_takes_the_smallest_head_that_keeps_the_gain() -> None
     assert choose_list_top_k(far, grid=(10, 20, 30, 40))[0] is None
 
 
-def test_heads_and_margins_round_trip_and_bad_values_are_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_heads_and_margins_round_trip_and_bad_values_are_refused(tmp_path) -> None:
     routing = dataclasses.replace(
         _headed(50, margin=0.3), pair_margin_quantiles=((0.0, 0.0), (0.5, 0.4), (1.0, 2.0))
     )

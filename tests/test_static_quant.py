@@ -106,7 +106,7 @@ def test_static_mode_needs_calibration_and_a_dynamic_graph(ctx: BuildContext, tm
     with pytest.raises(InputError, match="calibration"):
         quantize_int8(ctx.fp32_path, tmp_path / "a.onnx", mode="static")
     with pytest.raises(InputError, match="mode"):
-        quantize_int8(ctx.fp32_path, tmp_path / "a.onnx", mode="fast")  # type: ignore[arg-type]
+        quantize_int8(ctx.fp32_path, tmp_path / "a.onnx", mode="fast")
     feeds = [{"input_ids": np.ones((1, 3), np.int64), "attention_mask": np.ones((1, 3), np.int64)}]
     with pytest.raises(InputError, match="not a dynamic int8 graph"):
         static_activation_scales(ctx.fp32_path, feeds)
