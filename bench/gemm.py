@@ -3,7 +3,7 @@
     python -m bench.gemm --threads 2 --out gemm_t2.json
     python -m bench.gemm --threads 2 --out gemm_t2.json --recheck   # re-check a file's peaks, no timing
 
-Four kernels, each on the student's own GEMM shapes (M = 32 pairs × 40 tokens; K×N = 384×384,
+Five kernels, each on the student's own GEMM shapes (M = 32 pairs × 40 tokens; K×N = 384×384,
 384×1536, 1536×384) and on a large square one (2048³); the peak of a precision is the best of its
 kernels and shapes:
 
@@ -11,9 +11,15 @@ kernels and shapes:
   in a fresh process per thread budget, as ``bench.run`` does);
 - ``ort_fp32``: an onnxruntime ``MatMul`` with the weight as an initializer;
 - ``ort_int8_dynamic``: the same graph through ``quantize_dynamic`` (QInt8, per channel), which
-  onnxruntime fuses to the dynamic-quantized kernel the int8 bundles run (activations quantized on
-  the fly, u8×s8 GEMM);
+  onnxruntime fuses to the dynamic-quantized kernel (activations quantized on the fly, u8×s8 GEMM):
+  what sentence-transformers' int8 export runs;
+- ``ort_int8_static_float``: ``MatMulIntegerToFloat`` on uint8 inputs with fixed scales, the kernel
+  darl-lite's int8 bundles run (their activation scales are static since 2026-12-02; before
+  2026-12-07 the probe lacked it, and the model's own products outran the "peak");
 - ``ort_int8_static``: ``MatMulInteger`` on inputs already in uint8: the bare u8×s8 kernel.
+
+The int8 peak is the best of the kernels the graphs run (dynamic and static-to-float); the bare
+kernel is reported beside it.
 
 GOPS = 2·M·K·N / median seconds.
 
@@ -88,6 +94,37 @@ def _integer_model(path: Path, k: int, n: int, rng: np.random.Generator) -> None
     onnx.save(model, str(path))
 
 
+def _integer_to_float_model(path: Path, k: int, n: int, rng: np.random.Generator) -> None:
+    """``MatMulIntegerToFloat`` (com.microsoft) with per-column weight scales, as an int8 bundle has it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(rng.integers(-127, 128, (k, n), dtype=np.int8), "W"),
+        numpy_helper.from_array(np.array(0.02, np.float32), "a_scale"),
+        numpy_helper.from_array(np.full(n, 0.01, np.float32), "w_scale"),
+        numpy_helper.from_array(np.array(128, np.uint8), "a_zero"),
+        numpy_helper.from_array(np.zeros(n, np.int8), "w_zero"),
+    ]
+    node = helper.make_node(
+        "MatMulIntegerToFloat",
+        ["A", "W", "a_scale", "w_scale", "a_zero", "w_zero"],
+        ["Y"],
+        domain="com.microsoft",
+    )
+    graph = helper.make_graph(
+        [node],
+        "gemm_int8_to_float",
+        [helper.make_tensor_value_info("A", TensorProto.UINT8, ["m", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["m", n])],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
 def measure(
     threads: int, budget_s: float = 0.6, clock_ghz: float | None = None, ports: int | None = None
 ) -> dict:
@@ -108,15 +145,19 @@ def measure(
         for m, k, n in SHAPES:
             a = rng.standard_normal((m, k)).astype(np.float32)
             b = rng.standard_normal((k, n)).astype(np.float32)
-            fp32, int8, static = (Path(tmp) / f"{x}_{k}_{n}.onnx" for x in ("fp32", "dyn", "static"))
+            fp32, int8, to_float, static = (
+                Path(tmp) / f"{x}_{k}_{n}.onnx" for x in ("fp32", "dyn", "to_float", "static")
+            )
             _matmul_model(fp32, m, k, n, rng)
             quantize_dynamic(str(fp32), str(int8), per_channel=True, weight_type=QuantType.QInt8)
+            _integer_to_float_model(to_float, k, n, rng)
             _integer_model(static, k, n, rng)
             a_u8 = rng.integers(0, 256, (m, k), dtype=np.uint8)
             kernels = {
                 "numpy_fp32": lambda a=a, b=b: np.matmul(a, b),
                 "ort_fp32": _runner(fp32, options, {"A": a}),
                 "ort_int8_dynamic": _runner(int8, options, {"A": a}),
+                "ort_int8_static_float": _runner(to_float, options, {"A": a_u8}),
                 "ort_int8_static": _runner(static, options, {"A": a_u8}),
             }
             for kernel, fn in kernels.items():

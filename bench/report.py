@@ -340,7 +340,9 @@ def render(r: dict) -> str:
             "1000 items: p99 there is close to the maximum). GOPS = useful GFLOPs (actual token lengths)",
             "per second; % peak against the best measured GEMM of the contender's precision, same threads",
             "(above 100%: that short GEMM probe ran in a slow moment); % theor. against the CPU's",
-            "theoretical peak (cores × clock × MACs per cycle of its ISA, bench/peak.py).",
+            "theoretical peak (cores × clock × MACs per cycle of its ISA, bench/peak.py), at the highest",
+            "clock any of the run's GEMM probes implies when the reported one is lower (under a",
+            "hypervisor the boost clock is hidden and moves: % theor. is then an upper bound).",
             "",
         ]
         for t in sorted({x["threads"] for x in r["latency"]}):
@@ -387,7 +389,8 @@ def render(r: dict) -> str:
         for t, g in sorted(r["gemm"].items()):
             lines.append(
                 f"- {t} thread(s): fp32 peak {g['peak_gops']['fp32']:.0f} GFLOPS, int8 peak "
-                f"(dynamic-quantized kernel, what the graphs run) {g['peak_gops']['int8']:.0f} GOPS, "
+                "(best of the kernels the graphs run: dynamic, static-to-float) "
+                f"{g['peak_gops']['int8']:.0f} GOPS, "
                 "bare u8×s8 kernel "
                 f"{g['peak_gops_static_int8']:.0f} GOPS."
             )

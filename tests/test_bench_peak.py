@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
 
 from bench.gemm import check_against_theory
-from bench.peak import checked_peaks, parse_cpuinfo, theoretical_peak
+from bench.peak import MAX_BOOST_GHZ, checked_peaks, parse_cpuinfo, theoretical_peak
 
 
 def _cpuinfo(n: int, *, vendor: str, family: int, name: str, mhz: float, flags: str, cores: int) -> str:
@@ -83,6 +83,29 @@ def test_measured_peak_above_theory_is_flagged_and_not_used() -> None:
     assert int8["ratio"] == pytest.approx(3757.0 / int8["theoretical"])
     assert not check["precisions"]["fp32"]["impossible"]
     assert check["at_reported_clock"]["int8_gops"] == pytest.approx(1331.2)
+
+
+def test_an_int8_rate_raises_the_clock_too() -> None:
+    """The AVX2 EPYC of 2026-12-07, nominal 2.45 GHz: the fp32 probe implied 2.46 GHz, but a bare
+    u8xs8 kernel ran at 187 GOPS on one core, which needs 187 / (32 MACs x 2) = 2.92 GHz at least."""
+    cpu = parse_cpuinfo(
+        _cpuinfo(2, vendor="AuthenticAMD", family=25, name="AMD EPYC", mhz=2445.4, flags="avx2 fma", cores=2)
+    )
+    check = checked_peaks({"fp32": 78.65, "int8": 150.0, "int8_static": 187.0}, cpu, threads=1)
+    assert check["implied_clock_ghz"]["int8_static"] == pytest.approx(187.0 / 64)
+    assert check["estimate"]["clock_ghz"] == pytest.approx(187.0 / 64)
+    assert "int8_static" in check["estimate"]["clock_source"]
+    assert check["precisions"]["int8_static"]["theoretical"] == pytest.approx(187.0)  # never below it
+    assert check["precisions"]["fp32"]["theoretical"] == pytest.approx(187.0 / 64 * 32)
+    assert not any(row["impossible"] for row in check["precisions"].values())
+    assert check["at_reported_clock"]["int8_gops"] == pytest.approx(2.4454 * 64)
+    # a rate that needs a clock above any x86 core's boost is still impossible
+    absurd = checked_peaks({"fp32": 78.65, "int8": 64 * (MAX_BOOST_GHZ + 0.1)}, cpu, threads=1)
+    assert absurd["precisions"]["int8"]["impossible"]
+    assert absurd["estimate"]["clock_ghz"] == pytest.approx(78.65 / 32)
+    # a clock given by hand is never raised
+    given = checked_peaks({"fp32": 78.65, "int8": 187.0}, cpu, threads=1, clock_ghz=2.45)
+    assert given["precisions"]["int8"]["impossible"] and given["estimate"]["clock_ghz"] == 2.45
 
 
 def test_plausible_peak_is_kept_and_gemm_reports_the_checked_one() -> None:
