@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.load_server import CONCURRENCY, PAIRS, SIZES, int_list, requests_per_case, run, run_load
+from bench.load_server import add_case_options, case_length, run, run_load
 
 
 def _wait_up(url: str, process: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:
@@ -130,27 +130,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--student", type=Path, required=True, help="the student as an HF folder (the peer)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--sizes", type=int_list, default=SIZES, help="items per request (default 10,100)")
-    parser.add_argument("--concurrency", type=int_list, default=CONCURRENCY, help="workers (default 1,4,16)")
-    count = parser.add_mutually_exclusive_group()
-    count.add_argument(
-        "--pairs", type=int, default=None,
-        help=f"scored pairs per case, the same work at every size (default {PAIRS:,})",
-    )  # fmt: skip
-    count.add_argument("--requests", type=int, default=None, help="timed requests per case instead")
-    parser.add_argument("--deadline", type=float, default=120.0, help="seconds per case at most")
+    add_case_options(parser)
     parser.add_argument("--port", type=int, default=8180, help="first port; one per contender")
     parser.add_argument("--variant", action="append", default=[], help="NAME=EXTRA_SERVE_ARGS, repeatable")
     parser.add_argument("--logs", type=Path, default=Path("/tmp"), help="server logs go here")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    if args.requests is None and args.pairs is None:
-        args.pairs = PAIRS
-    try:
-        for n in args.sizes:
-            requests_per_case(n, pairs=args.pairs, requests=args.requests)
-    except ValueError as exc:
-        parser.error(str(exc))
+    case_length(parser, args)
     summary = compare(args)
     if args.out is not None:
         args.out.write_text(json.dumps(summary, indent=2) + "\n")

@@ -401,9 +401,9 @@ def int_list(raw: str) -> tuple[int, ...]:
     return tuple(int(x) for x in raw.split(",") if x.strip())
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", default="http://127.0.0.1:8080", help="the server (loopback only)")
+def add_case_options(parser: argparse.ArgumentParser) -> None:
+    """The options that say which cases run and how long: sizes, concurrency, --pairs or --requests,
+    the deadline (shared with :mod:`bench.load_compare`); :func:`case_length` reads them back."""
     parser.add_argument("--sizes", type=int_list, default=SIZES, help="items per request (default 10,100)")
     parser.add_argument("--concurrency", type=int_list, default=CONCURRENCY, help="workers (default 1,4,16)")
     count = parser.add_mutually_exclusive_group()
@@ -413,19 +413,34 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     count.add_argument("--requests", type=int, default=None, help="timed requests per case instead")
     parser.add_argument("--deadline", type=float, default=120.0, help="seconds per case at most")
+
+
+def case_length(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``args.pairs`` defaulted to :data:`PAIRS` unless ``--requests`` was given; a usage error
+    (exit 2) naming the option when either cannot make a case of every ``--sizes``."""
+    if args.requests is None and args.pairs is None:
+        args.pairs = PAIRS
+    try:
+        for n in args.sizes:
+            requests_per_case(n, pairs=args.pairs, requests=args.requests)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8080", help="the server (loopback only)")
+    add_case_options(parser)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request at most")
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests before each case")
     parser.add_argument("--token-env", default=None, help="environment variable holding the bearer token")
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     args = parser.parse_args(argv)
-    if args.requests is None and args.pairs is None:
-        args.pairs = PAIRS
     try:
         check_loopback(args.url)
-        for n in args.sizes:
-            requests_per_case(n, pairs=args.pairs, requests=args.requests)
     except ValueError as exc:
         parser.error(str(exc))
+    case_length(parser, args)
     token = os.environ.get(args.token_env) if args.token_env else None
     report = run(
         run_load(

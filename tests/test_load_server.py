@@ -72,13 +72,16 @@ def _load(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_fixed_count_report(served: str, tmp_path: Path) -> None:
+def _report(served: str, tmp_path: Path, *args: str) -> tuple[dict, str]:
+    """The JSON report and the printed table of one successful load run against ``served``."""
     out = tmp_path / "load.json"
-    done = _load(
-        "--url", served, "--sizes", "10", "--concurrency", "1,4", "--requests", "6", "--out", str(out)
-    )
+    done = _load("--url", served, *args, "--out", str(out))
     assert done.returncode == 0, done.stderr
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_fixed_count_report(served: str, tmp_path: Path) -> None:
+    report, table = _report(served, tmp_path, "--sizes", "10", "--concurrency", "1,4", "--requests", "6")
     assert report["url"] == served and report["server_health"]["status"] == "ok"
     assert [(c["items"], c["concurrency"]) for c in report["cases"]] == [(10, 1), (10, 4)]
     for case in report["cases"]:
@@ -90,17 +93,12 @@ def test_fixed_count_report(served: str, tmp_path: Path) -> None:
         )
         assert case["pairs_per_s"] == pytest.approx(60 / case["wall_s"])
         assert 0 < case["p50_ms"] <= case["p99_ms"] <= case["max_ms"]
-    assert "| 10 | 4 |" in done.stdout  # the Markdown table
+    assert "| 10 | 4 |" in table  # the Markdown table
 
 
 def test_equal_pairs_per_case_by_default(served: str, tmp_path: Path) -> None:
     """--pairs: every size scores the same number of pairs, so sizes compare on equal work."""
-    out = tmp_path / "load.json"
-    done = _load(
-        "--url", served, "--sizes", "10,20", "--concurrency", "2", "--pairs", "60", "--out", str(out)
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(out.read_text())
+    report, _ = _report(served, tmp_path, "--sizes", "10,20", "--concurrency", "2", "--pairs", "60")
     assert report["settings"]["requests_per_case"] == {"10": 6, "20": 3}
     cases = report["cases"]
     assert [(c["items"], c["requested"], c["completed"], c["errors"]) for c in cases] == [
