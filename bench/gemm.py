@@ -60,43 +60,42 @@ def _median_seconds(fn, budget_s: float) -> float:
     return float(np.median(times))
 
 
-def _matmul_model(path: Path, m: int, k: int, n: int, rng: np.random.Generator) -> None:
+def _save_one_node(path: Path, node, a_type: int, y_type: int, k: int, n: int, inits: list) -> None:
+    """A graph of ``node`` alone, input ``A`` (m × k) and output ``Y`` (m × n), saved at ``path``."""
     import onnx
+    from onnx import helper
+
+    graph = helper.make_graph(
+        [node],
+        "gemm",
+        [helper.make_tensor_value_info("A", a_type, ["m", k])],
+        [helper.make_tensor_value_info("Y", y_type, ["m", n])],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def _matmul_model(path: Path, m: int, k: int, n: int, rng: np.random.Generator) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
     weight = numpy_helper.from_array((rng.standard_normal((k, n)) * 0.05).astype(np.float32), "W")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["A", "W"], ["Y"])],
-        "gemm",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", k])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["m", n])],
-        [weight],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
+    node = helper.make_node("MatMul", ["A", "W"], ["Y"])
+    _save_one_node(path, node, TensorProto.FLOAT, TensorProto.FLOAT, k, n, [weight])
 
 
 def _integer_model(path: Path, k: int, n: int, rng: np.random.Generator) -> None:
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     weight = numpy_helper.from_array(rng.integers(-127, 128, (k, n), dtype=np.int8), "W")
-    graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["A", "W"], ["Y"])],
-        "gemm_int8",
-        [helper.make_tensor_value_info("A", TensorProto.UINT8, ["m", k])],
-        [helper.make_tensor_value_info("Y", TensorProto.INT32, ["m", n])],
-        [weight],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
+    node = helper.make_node("MatMulInteger", ["A", "W"], ["Y"])
+    _save_one_node(path, node, TensorProto.UINT8, TensorProto.INT32, k, n, [weight])
 
 
 def _integer_to_float_model(path: Path, k: int, n: int, rng: np.random.Generator) -> None:
     """``MatMulIntegerToFloat`` (com.microsoft) with per-column weight scales, as an int8 bundle has it."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     inits = [
@@ -106,23 +105,9 @@ def _integer_to_float_model(path: Path, k: int, n: int, rng: np.random.Generator
         numpy_helper.from_array(np.array(128, np.uint8), "a_zero"),
         numpy_helper.from_array(np.zeros(n, np.int8), "w_zero"),
     ]
-    node = helper.make_node(
-        "MatMulIntegerToFloat",
-        ["A", "W", "a_scale", "w_scale", "a_zero", "w_zero"],
-        ["Y"],
-        domain="com.microsoft",
-    )
-    graph = helper.make_graph(
-        [node],
-        "gemm_int8_to_float",
-        [helper.make_tensor_value_info("A", TensorProto.UINT8, ["m", k])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["m", n])],
-        inits,
-    )
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    model = helper.make_model(graph, opset_imports=opsets)
-    model.ir_version = 8
-    onnx.save(model, str(path))
+    inputs = ["A", "W", "a_scale", "w_scale", "a_zero", "w_zero"]
+    node = helper.make_node("MatMulIntegerToFloat", inputs, ["Y"], domain="com.microsoft")
+    _save_one_node(path, node, TensorProto.UINT8, TensorProto.FLOAT, k, n, inits)
 
 
 def measure(

@@ -296,9 +296,12 @@ class RequestBatcher:
         return len(self._pending) + self._in_passes + len(self._finishing)
 
     def _note_peak(self, now: float) -> None:
-        """Keep the most calls held at once, per concurrency window (this one and the one before)."""
-        if now - self._window_start > CONCURRENCY_WINDOW_S:
-            self._peak_before, self._peak_now, self._window_start = self._peak_now, 0, now
+        """Keep the most calls held at once, per concurrency window (this one and the one before;
+        a window that ended more than a window ago, after a quiet spell, counts for nothing)."""
+        elapsed = now - self._window_start
+        if elapsed > CONCURRENCY_WINDOW_S:
+            self._peak_before = self._peak_now if elapsed <= 2 * CONCURRENCY_WINDOW_S else 0
+            self._peak_now, self._window_start = 0, now
         self._peak_now = max(self._peak_now, self._held())
 
     def _company_may_come(self) -> bool:

@@ -32,7 +32,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from darl_lite.serve import ServeConfig, create_app  # noqa: E402
-from darl_lite.serve_batching import RequestBatcher  # noqa: E402
+from darl_lite.serve_batching import CONCURRENCY_WINDOW_S, RequestBatcher  # noqa: E402
 
 REAL_BUNDLE = Path(__file__).resolve().parent.parent / "darl-lite-run" / "bundle"
 #: int8: largest probability move allowed between a coalesced pair and the pair scored alone.
@@ -470,6 +470,22 @@ async def _until(flag: threading.Event) -> None:
     while not flag.is_set():
         assert time.monotonic() < deadline, "the first pass never started"
         await asyncio.sleep(0.001)
+
+
+def test_the_clients_concurrency_forgets_a_quiet_spell(scorer: Scorer) -> None:
+    """The peak a free worker waits for is the last one to two windows' (CONCURRENCY_WINDOW_S), not
+    one from before the node went quiet."""
+
+    def company_after(quiet_s: float) -> bool:
+        batcher = RequestBatcher(scorer)
+        batcher._in_passes = 4  # four clients' calls held at once
+        batcher._note_peak(0.5)
+        batcher._in_passes = 1  # one call held, ``quiet_s`` later
+        batcher._note_peak(0.5 + quiet_s)
+        return batcher._company_may_come()
+
+    assert company_after(CONCURRENCY_WINDOW_S * 1.2)  # the next window: the peak still counts
+    assert not company_after(CONCURRENCY_WINDOW_S * 10)  # after a quiet spell: it does not
 
 
 async def _clients_at_once(batcher: RequestBatcher, requests: list[tuple[str, list[str]]]) -> None:
