@@ -32,9 +32,14 @@ agreement with fp32 on 2,000 dev pairs:
   * ``dynamic, head only fp32``: the dynamic graph without the sensitivity exclusions, for contrast.
 
 ``--static`` also times ``shipped`` against the two static-scales graphs at 1, 10, 100 and 1000
-items with 1 and 2 threads in alternating rounds (``static_study`` in the JSON). Every graph's
-``batch_dependence`` is the largest |logit| difference between a dev pair scored alone and in its
-batch: dynamic activation scales depend on the other pairs of the batch, static ones do not.
+items with 1 and 2 threads in alternating rounds (``static_study`` in the JSON, timed by
+``alternating_study``). ``--fast-gelu`` does the same for the GELU approximation
+(``fast_gelu_study``): the shipped graph as onnxruntime optimises it (its ``Gelu`` fused from the
+exported ``Erf`` form) against the same graph with each ``Gelu`` onnxruntime's tanh approximation
+``FastGelu`` (the transformer optimizer's ``enable_gelu_approximation``); both also join the table
+with their agreement. Every graph's ``batch_dependence`` is the largest |logit| difference between
+a dev pair scored alone and in its batch: dynamic activation scales depend on the other pairs of
+the batch, static ones do not.
 
 Ratios are against ``shipped`` in the same run; medians over ``--reps`` requests.
 """
@@ -169,6 +174,35 @@ def build_variants(
     }
 
 
+GELU_EXACT = "shipped as onnxruntime optimises it (exact Gelu)"
+GELU_FAST = "shipped, each Gelu as FastGelu (tanh approximation)"
+
+
+def gelu_variants(shipped: Path, work: Path) -> dict[str, tuple[Path, tuple[str, ...]]]:
+    """The shipped graph after onnxruntime's own rewrites (the runtime's session), as is and with
+    each fused ``Gelu`` (exact, erf) turned into ``FastGelu`` (tanh): one op apart, so the timing
+    difference is the approximation's alone. Static activation scales stay those of exact GELU."""
+    import onnx
+    import onnxruntime as ort
+
+    from darl_lite import SessionConfig
+
+    exact, fast = work / "gelu_exact.onnx", work / "gelu_fast.onnx"
+    options = SessionConfig(intra_op_threads=1).session_options()
+    options.optimized_model_filepath = str(exact)
+    providers = ["CPUExecutionProvider"]
+    ort.InferenceSession(str(shipped), options, providers=providers, disabled_optimizers=list(RUNTIME))
+    model = onnx.load(str(exact))
+    turned = 0
+    for node in model.graph.node:
+        if node.op_type == "Gelu" and node.domain == "com.microsoft":
+            node.op_type, turned = "FastGelu", turned + 1
+    if not turned:
+        raise ValueError(f"onnxruntime fused no Gelu in {shipped}: nothing to approximate")
+    onnx.save(model, str(fast))
+    return {GELU_EXACT: (exact, RUNTIME), GELU_FAST: (fast, RUNTIME)}
+
+
 def _session(path: Path, threads: int, disabled: Sequence[str] = RUNTIME, spinning: bool = True) -> Any:
     import onnxruntime as ort
 
@@ -202,7 +236,7 @@ def _median_seconds(call: Callable[[], Any], reps: int) -> float:
     return float(np.median(times))
 
 
-def static_study(
+def alternating_study(
     graphs: dict[str, Path], requests: dict[int, list[dict[str, np.ndarray]]], rounds: int, budget_s: float
 ) -> dict[str, Any]:
     """Median ms per request of each graph (the first is the reference) per thread count and size,
@@ -262,6 +296,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--calib-pairs", type=int, default=384, help="train pairs for static scales (0: none)"
     )
     parser.add_argument("--static", action="store_true", help="also time static scales at 1-1000 items")
+    parser.add_argument(
+        "--fast-gelu", action="store_true", help="also time the GELU approximation at 1-1000 items"
+    )
     args = parser.parse_args(argv)
 
     from bench.common import RawSession, latency_requests
@@ -289,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"query": query, "items": len(items), "threads": args.threads, "graphs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         variants = build_variants(args.bundle, Path(tmp), args.num_heads, calibration)
+        if args.fast_gelu:
+            variants.update(gelu_variants(args.bundle / "model_int8.onnx", Path(tmp)))
         logits: dict[str, np.ndarray] = {}
         for name, (path, disabled) in variants.items():
             session = _session(path, args.threads, disabled)
@@ -314,10 +353,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         no_spin = _session(shipped, args.threads, spinning=False)
         singles = [_session(shipped, 1) for _ in range(args.threads)]
         pool = ThreadPoolExecutor(args.threads)
+        shares = [batches[i :: args.threads] for i in range(args.threads)]
 
         def split_run() -> None:
-            shares = [batches[i :: args.threads] for i in range(args.threads)]
             list(pool.map(lambda k: [singles[k].run(None, f) for f in shares[k]], range(args.threads)))
+
+        def shared_run() -> None:  # one set of weights: onnxruntime's run is safe to call concurrently
+            list(pool.map(lambda k: [singles[0].run(None, f) for f in shares[k]], range(args.threads)))
 
         layouts = {
             f"1 session x {args.threads} threads (runtime)": lambda: [one.run(None, f) for f in batches],
@@ -325,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 no_spin.run(None, f) for f in batches
             ],
             f"{args.threads} sessions x 1 thread, batches split": split_run,
+            f"1 session x 1 thread called from {args.threads} threads, batches split": shared_run,
         }
         base = None
         report["layouts"] = {}
@@ -340,7 +383,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             sized = latency_requests((1, 10, 100, 1000))
             requests = {n: raw.batches(*sized[n]) for n in (1, 10, 100, 1000)}
             graphs = {name: variants[name][0] for name in ("shipped", STATIC_SAME, STATIC_HEAD)}
-            report["static_study"] = static_study(graphs, requests, rounds=8, budget_s=0.4)
+            report["static_study"] = alternating_study(graphs, requests, rounds=8, budget_s=0.4)
+        if args.fast_gelu:
+            sized = latency_requests((1, 10, 100, 1000))
+            requests = {n: raw.batches(*sized[n]) for n in (1, 10, 100, 1000)}
+            graphs = {name: variants[name][0] for name in (GELU_EXACT, GELU_FAST)}
+            report["fast_gelu_study"] = alternating_study(graphs, requests, rounds=8, budget_s=0.4)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(report, indent=2))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from bench.common import (
     latency_requests,
     prepare_st_models,
     st_int8_label,
+    thread_env,
 )
 from darl_lite import Scorer, SessionConfig, inference
 
@@ -127,11 +129,13 @@ def neighbour(ours: Callable[[], Any], peer: Callable[[], Any], reps: int) -> di
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    requests = latency_requests(SIZES)
+    """Every case of ``args.sizes``; the JSON (``--out``) is rewritten after each, so a run stopped
+    early keeps what it measured."""
+    requests = latency_requests(tuple(args.sizes))
     out: dict[str, Any] = {"threads": args.threads, "reps": args.reps, "rounds": args.rounds, "cases": {}}
     out["run_cost"] = run_cost(args.bundle, args.threads)
     print(json.dumps({"run_cost": out["run_cost"]}))
-    for n in SIZES:
+    for n in args.sizes:
         query, items = requests[n]
         calls = contenders(args, query, items)
         peer_name = st_int8_label()
@@ -147,6 +151,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         out["cases"][str(n)] = case
         print(json.dumps({n: case}, indent=1))
+        if args.out is not None:
+            args.out.write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 
@@ -158,11 +164,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=100, help="calls per block")
     parser.add_argument("--rounds", type=int, default=6, help="blocks per contender")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="items per request")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    report = run(args)
-    if args.out is not None:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if min(args.sizes) < 1:
+        parser.error(f"--sizes must be >= 1, got {min(args.sizes)}")
+    os.environ.update(thread_env(args.threads))  # the tokenizer's pool too, as bench.run does
+    run(args)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain
 
 import numpy as np
 import onnxruntime as ort
@@ -258,12 +257,10 @@ class RelevanceModel:
 
     def plan(self, queries: Sequence[str], items: Sequence[str]) -> BatchPlan:
         """Everything before onnxruntime for one chunk: cap, tokenise, sort by length, pad per batch."""
-        n = len(queries)
         cap = self._char_cap
-        cut = np.fromiter(
-            (len(q) > cap or len(t) > cap for q, t in zip(queries, items, strict=True)), bool, n
-        )
-        if cut.any():
+        over = [len(q) > cap or len(t) > cap for q, t in zip(queries, items, strict=True)]
+        cut = np.array(over, bool) if any(over) else None  # no array to merge when nothing was cut
+        if cut is not None:
             queries = [q[:cap] for q in queries]
             items = [t[:cap] for t in items]
         rows = self.encoder.encode(queries, items)
@@ -273,7 +270,7 @@ class RelevanceModel:
         for start, stop in batch_bounds(lengths[order].tolist(), self.batch_size, RUN_COST_TOKENS):
             index = order[start:stop]
             batches.append((index, self._feeds(rows, index)))
-        return BatchPlan(lengths, cut | rows.truncated, batches)
+        return BatchPlan(lengths, rows.truncated if cut is None else cut | rows.truncated, batches)
 
     def _run_chunk(self, queries: Sequence[str], items: Sequence[str]) -> ModelOutputs:
         return self.run_plan(self.plan(queries, items))
@@ -297,16 +294,21 @@ class RelevanceModel:
         return ModelOutputs(logits, pooled, plan.truncated, plan.lengths, ood)
 
     def _feeds(self, rows: TokenRows, index: NDArray[np.intp]) -> dict[str, NDArray[np.int64]]:
-        """Right-padded id, mask and type arrays for the pairs ``index``, filled without a per-row loop."""
-        lengths = rows.lengths[index]
-        width = int(lengths.max())
-        mask = np.arange(width)[None, :] < lengths[:, None]
-        total = int(lengths.sum())
-        ids = np.full(mask.shape, self.pad_id, np.int64)
-        ids[mask] = np.fromiter(chain.from_iterable(rows.ids[i] for i in index), np.int64, total)
-        arrays = {"input_ids": ids, "attention_mask": mask.astype(np.int64)}
+        """Right-padded id, mask and type arrays for the pairs ``index``: each padded in Python, one
+        numpy call per array. A call's feeds are built right after the previous call's onnxruntime
+        run has evicted numpy's working set, where each numpy call costs several times its idle
+        price: for one pair this takes 51-73 us there against 126-148 us for a length-mask fill
+        (ten numpy calls), and on a full batch of 32 it is as fast cold and 30 us slower warm
+        (docs/benchmarks.md, "Tenth session")."""
+        picked = index.tolist()
+        ids = [rows.ids[i] for i in picked]
+        width = max(map(len, ids))
+        pad = self.pad_id
+        arrays = {
+            "input_ids": np.array([row + [pad] * (width - len(row)) for row in ids], np.int64),
+            "attention_mask": np.array([[1] * len(row) + [0] * (width - len(row)) for row in ids], np.int64),
+        }
         if "token_type_ids" in self.input_names:
-            types = np.zeros(mask.shape, np.int64)
-            types[mask] = np.fromiter(chain.from_iterable(rows.type_ids[i] for i in index), np.int64, total)
-            arrays["token_type_ids"] = types
+            types = (rows.type_ids[i] for i in picked)
+            arrays["token_type_ids"] = np.array([row + [0] * (width - len(row)) for row in types], np.int64)
         return {name: arrays[name] for name in self.input_names}
