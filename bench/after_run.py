@@ -7,6 +7,8 @@ tight loop ("idle"), and right after an onnxruntime run of a one-pair batch, wit
 0 / 200 / 1,000 / 5,000 µs between them, for three session layouts: 2 threads spinning (the
 runtime's default), 2 threads with spinning off, and 1 thread (no pool thread at all). If the
 spinning pool thread were what slows the work down, the last two layouts would not show it.
+The same for the call's whole batch plan (``RelevanceModel.plan``: character cap, tokenising,
+sorting, the padded feeds), under ``plan`` in the JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 from bench.common import latency_requests
@@ -36,8 +39,9 @@ def _wait(gap_us: int) -> None:
         pass
 
 
-def measure(bundle_dir: Path, reps: int) -> dict[str, dict[str, float]]:
-    """Median µs of tokenising one pair: idle, and after a run with each gap, per layout."""
+def measure(bundle_dir: Path, reps: int, step: str = "tokenise") -> dict[str, dict[str, float]]:
+    """Median µs of ``step`` for one pair (``tokenise`` or ``plan``): idle, and after a run with
+    each gap, per layout."""
     query, items = latency_requests((1,))[1]
     bundle = load_bundle(bundle_dir)
     out: dict[str, dict[str, float]] = {}
@@ -49,6 +53,7 @@ def measure(bundle_dir: Path, reps: int) -> dict[str, dict[str, float]]:
             session=SessionConfig(intra_op_threads=threads, spinning=spinning),
         )
         feeds = model.plan([query], items).batches[0][1]
+        work = partial(model.encoder.encode if step == "tokenise" else model.plan, [query], items)
         row: dict[str, float] = {}
         for gap in GAPS_US:
             times = []
@@ -56,13 +61,13 @@ def measure(bundle_dir: Path, reps: int) -> dict[str, dict[str, float]]:
                 model.session.run(model.output_names, feeds)
                 _wait(gap)
                 started = time.perf_counter()
-                model.encoder.encode([query], items)
+                work()
                 times.append(time.perf_counter() - started)
             row[f"after_run_gap_{gap}us"] = 1e6 * statistics.median(times)
         idle = []
         for _ in range(reps):
             started = time.perf_counter()
-            model.encoder.encode([query], items)
+            work()
             idle.append(time.perf_counter() - started)
         row["idle"] = 1e6 * statistics.median(idle)
         out[name] = row
@@ -75,7 +80,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=300)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    result = {"unit": "µs per one-pair tokenisation, median", "layouts": measure(args.bundle, args.reps)}
+    result = {
+        "unit": "µs per one-pair call of the step, median (layouts: tokenising; plan: the batch plan)",
+        "layouts": measure(args.bundle, args.reps),
+        "plan": measure(args.bundle, args.reps, "plan"),
+    }
     text = json.dumps(result, indent=1)
     if args.out:
         args.out.write_text(text + "\n")
