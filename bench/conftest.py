@@ -7,7 +7,10 @@ Environment:
     DARL_BENCH_THREADS thread budgets to run, e.g. "2" (default "1,2"); ``bench.run`` runs one
                        process per budget so the tokenizers' and BLAS pools are held to it as well
     DARL_BENCH_SIZES   items per query, e.g. "1,10" (default "1,10,100,1000")
-    DARL_BENCH_SECONDS target seconds of timed calls per case (default 3; rounds 3..2000)
+    DARL_BENCH_SECONDS target seconds of timed calls per case (default 3; rounds 3..2000 a block)
+    DARL_BENCH_BLOCKS  blocks each case is timed in (default 1): the seconds are shared among them,
+                       and within one thread budget and size the blocks of all contenders take
+                       turns, the contenders' order rotated by one each block (:func:`block_order`)
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import SIZES, THREADS, ContenderFactory, latency_requests
+from bench.common import CONTENDERS, SIZES, THREADS, ContenderFactory, latency_requests
 
 
 def _ints(name: str, default: tuple[int, ...]) -> list[int]:
@@ -30,6 +33,36 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("threads", _ints("DARL_BENCH_THREADS", THREADS), ids=lambda t: f"t{t}")
     if "n_items" in metafunc.fixturenames:
         metafunc.parametrize("n_items", _ints("DARL_BENCH_SIZES", SIZES), ids=lambda n: f"n{n}")
+    if "block" in metafunc.fixturenames:
+        blocks = int(os.environ.get("DARL_BENCH_BLOCKS", "1"))
+        if blocks < 1:
+            raise pytest.UsageError(f"DARL_BENCH_BLOCKS must be >= 1, got {blocks}")
+        metafunc.parametrize("block", range(blocks), ids=lambda b: f"b{b}")
+
+
+def block_order(threads: int, n_items: int, block: int, contender: str) -> tuple[int, int, int, int]:
+    """Where a latency case runs: by thread budget, size and block, and within a block the
+    contenders in their listed order rotated by ``block``.
+
+    One block per contender in a fixed order lets a passing phase of a shared host (these last
+    seconds to minutes) fall on one contender and not the next, and always times the same contender
+    first in its process. Blocks that take turns spread every contender over the same minutes, and
+    the rotation puts each one first in turn."""
+    names = list(CONTENDERS)
+    return threads, n_items, block, (names.index(contender) - block) % len(names)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The latency cases in :func:`block_order`, in the places they held; other tests stay put."""
+    keyed = []
+    for position, item in enumerate(items):
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if {"threads", "n_items", "block", "contender"} <= params.keys():
+            key = block_order(params["threads"], params["n_items"], params["block"], params["contender"])
+            keyed.append((key, position, item))
+    ordered = sorted(keyed, key=lambda k: (k[0], k[1]))
+    for (_, position, _), (_, _, item) in zip(keyed, ordered, strict=True):
+        items[position] = item
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +96,8 @@ def query_items() -> dict[int, tuple[str, list[str]]]:
 @pytest.fixture(scope="session")
 def seconds_per_case() -> float:
     return float(os.environ.get("DARL_BENCH_SECONDS", "3"))
+
+
+@pytest.fixture(scope="session")
+def blocks() -> int:
+    return int(os.environ.get("DARL_BENCH_BLOCKS", "1"))

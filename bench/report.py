@@ -35,35 +35,53 @@ def _load(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def latency_rows(out: Path, tokens: dict, gemm: dict) -> list[dict]:
-    rows = []
+def pooled_cases(out: Path) -> dict[tuple[str, int, int], dict[str, Any]]:
+    """``(contender, threads, items)`` → the timed calls of all of that case's blocks pooled
+    (``data``, seconds) and each block's median (``block_medians_s``, in block order)."""
+    blocks: dict[tuple[str, int, int], list[tuple[int, np.ndarray]]] = {}
     for path in sorted(out.glob("latency_t*.json")):
         for b in json.loads(path.read_text())["benchmarks"]:
             info = b["extra_info"]
             data = np.asarray(b["stats"].get("data") or [b["stats"]["median"]])
-            n, threads, name = int(info["pairs"]), int(info["threads"]), info["contender"]
-            median = float(np.median(data))
-            precision = CONTENDERS[name][1]
-            gflop = tokens[str(n)]["useful_gflop"]
-            peak = gemm.get(str(threads), {}).get("peak_gops", {}).get(precision)
-            theory = gemm.get(str(threads), {}).get("theoretical_peak_gops", {}).get(precision)
-            rows.append(
-                {
-                    "contender": name,
-                    "threads": threads,
-                    "items": n,
-                    "rounds": len(data),
-                    "median_s": median,
-                    "p50_ms": 1e3 * float(np.percentile(data, 50)),
-                    "p99_ms": 1e3 * float(np.percentile(data, 99)),
-                    "pairs_per_s": n / median,
-                    "gops": gflop / median,
-                    "fraction_of_peak": (gflop / median) / peak if peak else None,
-                    # against cores x clock x MACs per cycle of the CPU's ISA (bench/peak.py): the
-                    # measured GEMM peak can read low when its short probe hits a slow moment
-                    "fraction_of_theoretical_peak": (gflop / median) / theory if theory else None,
-                }
-            )
+            key = (info["contender"], int(info["threads"]), int(info["pairs"]))
+            blocks.setdefault(key, []).append((int(info.get("block", 0)), data))
+    return {
+        key: {
+            "data": np.concatenate([data for _, data in sorted(parts, key=lambda p: p[0])]),
+            "block_medians_s": [float(np.median(data)) for _, data in sorted(parts, key=lambda p: p[0])],
+        }
+        for key, parts in blocks.items()
+    }
+
+
+def latency_rows(out: Path, tokens: dict, gemm: dict) -> list[dict]:
+    rows = []
+    for (name, threads, n), case in pooled_cases(out).items():
+        data = case["data"]
+        median = float(np.median(data))
+        precision = CONTENDERS[name][1]
+        gflop = tokens[str(n)]["useful_gflop"]
+        peak = gemm.get(str(threads), {}).get("peak_gops", {}).get(precision)
+        theory = gemm.get(str(threads), {}).get("theoretical_peak_gops", {}).get(precision)
+        rows.append(
+            {
+                "contender": name,
+                "threads": threads,
+                "items": n,
+                "rounds": len(data),
+                "blocks": len(case["block_medians_s"]),
+                "block_medians_s": case["block_medians_s"],
+                "median_s": median,
+                "p50_ms": 1e3 * float(np.percentile(data, 50)),
+                "p99_ms": 1e3 * float(np.percentile(data, 99)),
+                "pairs_per_s": n / median,
+                "gops": gflop / median,
+                "fraction_of_peak": (gflop / median) / peak if peak else None,
+                # against cores x clock x MACs per cycle of the CPU's ISA (bench/peak.py): the
+                # measured GEMM peak can read low when its short probe hits a slow moment
+                "fraction_of_theoretical_peak": (gflop / median) / theory if theory else None,
+            }
+        )
     index = {(r["contender"], r["threads"], r["items"]): r for r in rows}
     for r in rows:
         key = (r["threads"], r["items"])
@@ -73,6 +91,27 @@ def latency_rows(out: Path, tokens: dict, gemm: dict) -> list[dict]:
         darl = r["contender"].startswith("darl")
         r["overhead_vs_raw"] = r["median_s"] / raw["median_s"] - 1.0 if raw and darl else None
     return rows
+
+
+def block_ratios(rows: list[dict], threads: int, items: int, over: str, under: str) -> list[float]:
+    """Per block, ``under``'s median time over ``over``'s (how many times faster ``over`` ran), for
+    a case both were timed in with the same number of blocks; empty otherwise."""
+    pick = {x["contender"]: x for x in rows if (x["threads"], x["items"]) == (threads, items)}
+    if over not in pick or under not in pick:
+        return []
+    mine, theirs = pick[over]["block_medians_s"], pick[under]["block_medians_s"]
+    if len(mine) != len(theirs):
+        return []
+    return [b / a for a, b in zip(mine, theirs, strict=True)]
+
+
+def _block_ratio_lines(rows: list[dict], threads: int, items: int) -> list[str]:
+    ratios = block_ratios(rows, threads, items, "darl_int8", "st_onnx_int8")
+    if len(ratios) < 2:
+        return []
+    shown = ", ".join(f"{x:.2f}" for x in ratios)
+    median = float(np.median(ratios))
+    return [f"darl-lite int8 × ST int8 export, block by block: {shown}× (median {median:.2f}×).", ""]
 
 
 def _pct(fraction: float | None) -> str:
@@ -343,6 +382,8 @@ def render(r: dict) -> str:
             "theoretical peak (cores × clock × MACs per cycle of its ISA, bench/peak.py), at the highest",
             "clock any of the run's GEMM probes implies when the reported one is lower (under a",
             "hypervisor the boost clock is hidden and moves: % theor. is then an upper bound).",
+            "Where a case was timed in several blocks (`bench.run --blocks`), its rounds pool them all;",
+            "the blocks of all contenders took turns, so each contender's rounds span the same minutes.",
             "",
         ]
         for t in sorted({x["threads"] for x in r["latency"]}):
@@ -376,6 +417,7 @@ def render(r: dict) -> str:
                         f"{_pct(x.get('fraction_of_theoretical_peak'))} |"
                     )
                 lines.append("")
+                lines += _block_ratio_lines(r["latency"], t, n)
         lines += ["![latency](latency.png)", ""]
     if r["gemm"]:
         lines += ["## Cost model: measured GEMM throughput (GOPS)", ""]

@@ -91,12 +91,20 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/darl-bench-work"), help="ST exports go here")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
     parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per latency case")
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        default=4,
+        help="blocks per latency case, taking turns with the other contenders' (1: one block each)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny counts everywhere: checks the plumbing")
     args = parser.parse_args()
     stages = [s for s in args.stages.split(",") if s]
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         parser.error(f"unknown stages {unknown}; choose from {STAGES}")
+    if args.blocks < 1:
+        parser.error(f"--blocks must be >= 1, got {args.blocks}")
     out, bundle = args.out.resolve(), args.bundle.resolve()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "run.log"
@@ -141,6 +149,7 @@ def main() -> None:
                     "DARL_BENCH_THREADS": str(t),
                     "DARL_BENCH_SIZES": ",".join(map(str, sizes)),
                     "DARL_BENCH_SECONDS": str(0.3 if args.quick else args.seconds),
+                    "DARL_BENCH_BLOCKS": str(args.blocks),
                 }
                 if st_dir:
                     env["DARL_BENCH_ST_DIR"] = str(st_dir)

@@ -9,7 +9,9 @@ validation, tokenising, bucketing, the ONNX graph, OOD score, routing, result ob
 session runs the int8 graph on the runtime's own batch plan, pre-tokenised and pre-padded: the floor
 for this model; the runtime's overhead is the gap. Rounds are sized so each case times about
 ``DARL_BENCH_SECONDS`` of calls (at least 3, at most 2,000), after warm-up calls: the rule of the
-pytest plugin users time their own nodes with (``darl_lite.pytest_plugin.rounds_for``).
+pytest plugin users time their own nodes with (``darl_lite.pytest_plugin.rounds_for``). With
+``DARL_BENCH_BLOCKS`` > 1 each case is timed in that many blocks sharing its seconds, the blocks of
+all contenders taking turns (``bench.conftest.block_order``); the report pools a case's blocks.
 """
 
 from __future__ import annotations
@@ -24,7 +26,16 @@ from darl_lite.pytest_plugin import rounds_for
 
 @pytest.mark.parametrize("contender", list(CONTENDERS))
 def test_latency(
-    benchmark, factory, st_dir, query_items, seconds_per_case, contender: str, n_items: int, threads: int
+    benchmark,
+    factory,
+    st_dir,
+    query_items,
+    seconds_per_case,
+    blocks,
+    contender: str,
+    n_items: int,
+    threads: int,
+    block: int,
 ) -> None:
     if contender.startswith("st_") and st_dir is None:
         pytest.skip("set DARL_BENCH_ST_DIR (bench.run does) for the sentence-transformers contenders")
@@ -34,8 +45,8 @@ def test_latency(
     started = time.perf_counter()
     call()  # the estimate that sizes the rounds
     estimate = time.perf_counter() - started
-    rounds = rounds_for(estimate, seconds_per_case)
+    rounds = rounds_for(estimate, seconds_per_case / blocks)
     result = benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
     assert result is not None
     benchmark.group = f"n={n_items} threads={threads}"
-    benchmark.extra_info.update(contender=contender, pairs=n_items, threads=threads)
+    benchmark.extra_info.update(contender=contender, pairs=n_items, threads=threads, block=block)
