@@ -34,10 +34,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "n_items" in metafunc.fixturenames:
         metafunc.parametrize("n_items", _ints("DARL_BENCH_SIZES", SIZES), ids=lambda n: f"n{n}")
     if "block" in metafunc.fixturenames:
-        blocks = int(os.environ.get("DARL_BENCH_BLOCKS", "1"))
-        if blocks < 1:
-            raise pytest.UsageError(f"DARL_BENCH_BLOCKS must be >= 1, got {blocks}")
-        metafunc.parametrize("block", range(blocks), ids=lambda b: f"b{b}")
+        metafunc.parametrize("block", range(_blocks()), ids=lambda b: f"b{b}")
+
+
+def _blocks() -> int:
+    """``DARL_BENCH_BLOCKS`` (default 1), checked: a usage error names the variable and the value."""
+    raw = os.environ.get("DARL_BENCH_BLOCKS", "1")
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise pytest.UsageError(f"DARL_BENCH_BLOCKS must be a whole number >= 1, got {raw!r}")
+    return int(raw)
 
 
 def block_order(threads: int, n_items: int, block: int, contender: str) -> tuple[int, int, int, int]:
@@ -100,4 +105,4 @@ def seconds_per_case() -> float:
 
 @pytest.fixture(scope="session")
 def blocks() -> int:
-    return int(os.environ.get("DARL_BENCH_BLOCKS", "1"))
+    return _blocks()

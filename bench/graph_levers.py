@@ -379,16 +379,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "speed_vs_runtime": round(base / seconds, 3),
             }
         pool.shutdown()
-        if args.static and STATIC_HEAD in variants:
+        static = args.static and STATIC_HEAD in variants
+        studies = {
+            "static_study": ("shipped", STATIC_SAME, STATIC_HEAD) if static else (),
+            "fast_gelu_study": (GELU_EXACT, GELU_FAST) if args.fast_gelu else (),
+        }
+        if any(studies.values()):
             sized = latency_requests((1, 10, 100, 1000))
             requests = {n: raw.batches(*sized[n]) for n in (1, 10, 100, 1000)}
-            graphs = {name: variants[name][0] for name in ("shipped", STATIC_SAME, STATIC_HEAD)}
-            report["static_study"] = alternating_study(graphs, requests, rounds=8, budget_s=0.4)
-        if args.fast_gelu:
-            sized = latency_requests((1, 10, 100, 1000))
-            requests = {n: raw.batches(*sized[n]) for n in (1, 10, 100, 1000)}
-            graphs = {name: variants[name][0] for name in (GELU_EXACT, GELU_FAST)}
-            report["fast_gelu_study"] = alternating_study(graphs, requests, rounds=8, budget_s=0.4)
+            for study, names in studies.items():
+                if names:
+                    graphs = {name: variants[name][0] for name in names}
+                    report[study] = alternating_study(graphs, requests, rounds=8, budget_s=0.4)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(report, indent=2))

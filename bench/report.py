@@ -45,13 +45,14 @@ def pooled_cases(out: Path) -> dict[tuple[str, int, int], dict[str, Any]]:
             data = np.asarray(b["stats"].get("data") or [b["stats"]["median"]])
             key = (info["contender"], int(info["threads"]), int(info["pairs"]))
             blocks.setdefault(key, []).append((int(info.get("block", 0)), data))
-    return {
-        key: {
-            "data": np.concatenate([data for _, data in sorted(parts, key=lambda p: p[0])]),
-            "block_medians_s": [float(np.median(data)) for _, data in sorted(parts, key=lambda p: p[0])],
+    cases = {}
+    for key, parts in blocks.items():
+        in_order = [data for _, data in sorted(parts, key=lambda p: p[0])]
+        cases[key] = {
+            "data": np.concatenate(in_order),
+            "block_medians_s": [float(np.median(data)) for data in in_order],
         }
-        for key, parts in blocks.items()
-    }
+    return cases
 
 
 def latency_rows(out: Path, tokens: dict, gemm: dict) -> list[dict]:
