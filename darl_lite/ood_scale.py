@@ -11,7 +11,7 @@ pair is further out than 99% of them. Bundles exported before the table existed 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,7 +53,7 @@ class OODScale:
         table = manifest.get("ood", {}).get("id_quantiles", {}).get(precision)
         return None if table is None else cls(table)
 
-    def percentiles(self, scores: NDArray[np.floating]) -> NDArray[np.float64]:
+    def percentiles(self, scores: NDArray[np.floating] | Sequence[float]) -> NDArray[np.float64]:
         """Share of in-distribution dev pairs scoring lower, in [0, 1], one per score.
 
         Ties (a flat stretch of the table, e.g. many equal scores) resolve to the highest level of

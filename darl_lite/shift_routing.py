@@ -194,7 +194,7 @@ class ShiftRouting:
         found: dict[str, tuple[int, float]] = {}
         for query in queries:
             if query not in found:
-                found[query] = self._assign_one(query)
+                found[query] = self.assign_query(query)
         if len(found) == 1:
             ((kind, probability),) = found.values()
             return QueryAssignment(np.full(n, kind, np.intp), np.full(n, probability))
@@ -202,7 +202,7 @@ class ShiftRouting:
         probabilities = np.fromiter((found[q][1] for q in queries), np.float64, count=n)
         return QueryAssignment(kinds, probabilities)
 
-    def _assign_one(self, query: str) -> tuple[int, float]:
+    def assign_query(self, query: str) -> tuple[int, float]:
         """``(kind, largest probability)`` of one query: the first most probable kind past its
         threshold (-1: none), and the largest of its kinds' probabilities."""
         chosen, chosen_probability, largest = -1, -1.0, 0.0
