@@ -4,8 +4,9 @@
 
 1. ``stages``: the steps of ``Scorer.score`` re-run one by one with ``time.perf_counter`` splits
    (validate; the batch plan: character cap, tokenise, sort, pad; the ``session.run`` calls with the
-   scatter of their outputs; softmax;
-   the numpy OOD score, for bundles without it in the graph; routing and notes; result objects),
+   scatter of their outputs; for a call of up to ``SMALL_CALL_PAIRS`` pairs, the row plan
+   (``darl_lite.small_call``), else softmax, the numpy OOD score for bundles without it in the
+   graph, routing and notes; result objects),
    median over ``--reps`` calls, beside a real ``scorer.score`` call and the raw session on the
    same batches.
 2. ``cprofile``: the top functions of ``--reps`` real calls by own time.
@@ -33,6 +34,7 @@ from darl_lite import Scorer, SessionConfig
 from darl_lite.bundle import model_role
 from darl_lite.cascade import plan_call
 from darl_lite.scorer import ScoredArrays, _check_items, _check_text
+from darl_lite.small_call import SMALL_CALL_PAIRS, plan_rows
 
 
 def _median(fn, reps: int) -> float:
@@ -63,40 +65,65 @@ def stage_split(scorer: Scorer, query: str, items: list[str], reps: int) -> dict
         plan = model.plan(queries, its)
         t = tick("tokenise_sort_pad", t)
         outputs = model.run_plan(plan)
-        logits, pooled, ood = outputs.logits, outputs.pooled, outputs.ood
+        logits, ood = outputs.logits, outputs.ood
         tick("session_runs_and_scatter", t)
-        t = time.perf_counter()
-        ood_scores = ood.astype(np.float64) if ood is not None else scorer.detector.score(pooled)
-        t = tick("ood_score (numpy; ~0 when in the graph)", t)
-        routing = plan_call(
-            logits,
-            ood_scores,
-            queries,
-            temperature=scorer.temperature,
-            policy=scorer.routing,
-            shift=scorer.shift,
-            budget=scorer.budget,
-        )
-        t = tick("softmax_shift_routing (darl_lite.cascade.plan_call)", t)
-        scored = ScoredArrays(
-            probabilities=routing.student,
-            student_probabilities=routing.student,
-            logits=logits,
-            ood_scores=ood_scores,
-            candidate=routing.candidate,
-            routed=routing.routed,
-            from_llm=np.zeros(n, bool),
-            truncated=plan.truncated,
-            notes=routing.notes,
-            query_shift=routing.query_shift,
-            list_routed=routing.list_routed,
-            grades=routing.grades,
-        )
-        scorer._to_results(scored)
-        tick("result_objects", t)
+        rows = None
+        if n <= SMALL_CALL_PAIRS and ood is not None:  # the path score() takes for a small call
+            t = time.perf_counter()
+            ood_list = ood.tolist()
+            rows = plan_rows(
+                logits.tolist(),
+                ood_list,
+                queries,
+                temperature=scorer.temperature,
+                policy=scorer.routing,
+                shift=scorer.shift,
+                budget=scorer.budget,
+            )
+            if rows is not None:
+                t = tick("row plan (darl_lite.small_call.plan_rows)", t)
+                scorer._row_results(rows, ood_list, outputs.truncated.tolist())
+                tick("result_objects", t)
+        if rows is None:
+            _array_stages(scorer, outputs, queries, plan.truncated, tick)
         if rep == 0:  # warm-up
             stages.clear()
     return {k: statistics.median(v) for k, v in stages.items()}
+
+
+def _array_stages(scorer: Scorer, outputs, queries: list[str], truncated, tick) -> None:
+    """The array path's stages (a call over ``SMALL_CALL_PAIRS``, or one the row plan declines)."""
+    n = len(queries)
+    t = time.perf_counter()
+    ood = outputs.ood
+    ood_scores = ood.astype(np.float64) if ood is not None else scorer.detector.score(outputs.pooled)
+    t = tick("ood_score (numpy; ~0 when in the graph)", t)
+    routing = plan_call(
+        outputs.logits,
+        ood_scores,
+        queries,
+        temperature=scorer.temperature,
+        policy=scorer.routing,
+        shift=scorer.shift,
+        budget=scorer.budget,
+    )
+    t = tick("softmax_shift_routing (darl_lite.cascade.plan_call)", t)
+    scored = ScoredArrays(
+        probabilities=routing.student,
+        student_probabilities=routing.student,
+        logits=outputs.logits,
+        ood_scores=ood_scores,
+        candidate=routing.candidate,
+        routed=routing.routed,
+        from_llm=np.zeros(n, bool),
+        truncated=truncated,
+        notes=routing.notes,
+        query_shift=routing.query_shift,
+        list_routed=routing.list_routed,
+        grades=routing.grades,
+    )
+    scorer._to_results(scored)
+    tick("result_objects", t)
 
 
 def alternatives(bundle: Path, scorer: Scorer, query: str, items: list[str], threads: int, reps: int) -> dict:
