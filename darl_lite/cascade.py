@@ -1,7 +1,9 @@
 """One call's routing plan: which pairs go to the teacher, decided the same way on a node and in evaluation.
 
 :func:`plan_call` is pure apart from the sliding-window budget it draws on. The scorer runs it on
-every call; the mixed-stream evaluation (:mod:`darl_lite.mixed_stream`) runs it on recorded student
+every call of more than :data:`~darl_lite.small_call.SMALL_CALL_PAIRS` pairs, and its row-by-row
+twin :func:`~darl_lite.small_call.plan_rows` (the same plans, tested against this one) on smaller
+ones; the mixed-stream evaluation (:mod:`darl_lite.mixed_stream`) runs it on recorded student
 outputs, so what is measured is what a node does. The order:
 
 1. each pair's query is assigned a kind of shift (or none); the student's probabilities are its
