@@ -34,7 +34,7 @@ from darl_lite import Scorer, SessionConfig
 from darl_lite.bundle import model_role
 from darl_lite.cascade import plan_call
 from darl_lite.scorer import ScoredArrays, _check_items, _check_text
-from darl_lite.small_call import SMALL_CALL_PAIRS, plan_rows
+from darl_lite.small_call import SMALL_CALL_PAIRS
 
 
 def _median(fn, reps: int) -> float:
@@ -71,15 +71,7 @@ def stage_split(scorer: Scorer, query: str, items: list[str], reps: int) -> dict
         if n <= SMALL_CALL_PAIRS and ood is not None:  # the path score() takes for a small call
             t = time.perf_counter()
             ood_list = ood.tolist()
-            rows = plan_rows(
-                logits.tolist(),
-                ood_list,
-                queries,
-                temperature=scorer.temperature,
-                policy=scorer.routing,
-                shift=scorer.shift,
-                budget=scorer.budget,
-            )
+            rows = scorer._row_plan(queries, logits.tolist(), ood_list)
             if rows is not None:
                 t = tick("row plan (darl_lite.small_call.plan_rows)", t)
                 scorer._row_results(rows, ood_list, outputs.truncated.tolist())
@@ -98,15 +90,7 @@ def _array_stages(scorer: Scorer, outputs, queries: list[str], truncated, tick) 
     ood = outputs.ood
     ood_scores = ood.astype(np.float64) if ood is not None else scorer.detector.score(outputs.pooled)
     t = tick("ood_score (numpy; ~0 when in the graph)", t)
-    routing = plan_call(
-        outputs.logits,
-        ood_scores,
-        queries,
-        temperature=scorer.temperature,
-        policy=scorer.routing,
-        shift=scorer.shift,
-        budget=scorer.budget,
-    )
+    routing = plan_call(outputs.logits, ood_scores, queries, gains=scorer.gains, **scorer._routing_args())
     t = tick("softmax_shift_routing (darl_lite.cascade.plan_call)", t)
     scored = ScoredArrays(
         probabilities=routing.student,

@@ -28,23 +28,14 @@ from typing import Any
 from bench.common import latency_requests
 from darl_lite import Scorer, SessionConfig
 from darl_lite.scorer import PairScore, flatten_query
-from darl_lite.small_call import SMALL_CALL_PAIRS, plan_rows
+from darl_lite.small_call import SMALL_CALL_PAIRS
 
 
-def _row_path(scorer: Scorer, queries: list[str], outputs: Any) -> list[PairScore]:
-    ood = outputs.ood.tolist()
-    plan = plan_rows(
-        outputs.logits.tolist(),
-        ood,
-        queries,
-        temperature=scorer.temperature,
-        policy=scorer.routing,
-        shift=scorer.shift,
-        budget=scorer.budget,
-    )
-    if plan is None:
+def _row_path(scorer: Scorer, queries: list[str], items: list[str], outputs: Any) -> list[PairScore]:
+    results = scorer._small_call(queries, items, outputs)  # whatever the size: what rows would cost
+    if results is None:
         raise SystemExit("the row plan declined this request (a shifted query?): pick another bundle")
-    return scorer._row_results(plan, ood, outputs.truncated.tolist())
+    return results
 
 
 def after_run(scorer: Scorer, query: str, items: list[str], reps: int) -> dict[str, float]:
@@ -54,7 +45,7 @@ def after_run(scorer: Scorer, query: str, items: list[str], reps: int) -> dict[s
     plan = model.plan(flat.queries, flat.items)
     paths: dict[str, Callable[[Any], list[PairScore]]] = {
         "array path": lambda out: scorer._to_results(scorer.finish_arrays(flat.queries, flat.items, out)),
-        "row path": lambda out: _row_path(scorer, flat.queries, out),
+        "row path": lambda out: _row_path(scorer, flat.queries, flat.items, out),
     }
     times: dict[str, list[float]] = {name: [] for name in paths}
     for rep in range(reps):

@@ -264,39 +264,49 @@ class Scorer:
             ood = outputs.ood.astype(np.float64)
         else:
             ood = self.detector.score(outputs.pooled) if len(queries) else np.zeros(0)
-        plan = plan_call(
-            outputs.logits,
-            ood,
-            queries,
-            temperature=self.temperature,
-            policy=self.routing,
-            shift=self.shift,
-            budget=self.budget,
-            gains=self.gains,
-        )
+        plan = plan_call(outputs.logits, ood, queries, gains=self.gains, **self._routing_args())
         return self._answer(queries, items, outputs, ood, plan)
 
     def _score_pairs(self, queries: Sequence[str], items: Sequence[str]) -> list[PairScore]:
         """Results of validated aligned pairs: a small call is planned row by row
         (:mod:`darl_lite.small_call`), where numpy's per-call price would be a tenth of the call."""
         outputs = self.model.run(queries, items)
-        if len(queries) <= SMALL_CALL_PAIRS and outputs.ood is not None:
-            ood = outputs.ood.tolist()
-            plan = plan_rows(
-                outputs.logits.tolist(),
-                ood,
-                queries,
-                temperature=self.temperature,
-                policy=self.routing,
-                shift=self.shift,
-                budget=self.budget,
-            )
-            if plan is not None:
-                if self.fallback is not None and any(plan.routed):
-                    ood64 = outputs.ood.astype(np.float64)
-                    return self._to_results(self._answer(queries, items, outputs, ood64, plan.to_call_plan()))
-                return self._row_results(plan, ood, outputs.truncated.tolist())
+        if len(queries) <= SMALL_CALL_PAIRS:
+            results = self._small_call(queries, items, outputs)
+            if results is not None:
+                return results
         return self._to_results(self.finish_arrays(queries, items, outputs))
+
+    def _small_call(
+        self, queries: Sequence[str], items: Sequence[str], outputs: ModelOutputs
+    ) -> list[PairScore] | None:
+        """The results of a call planned row by row; None where the row plan declines it (or the
+        graph has no OOD output), before any budget is drawn."""
+        if outputs.ood is None:
+            return None
+        ood = outputs.ood.tolist()
+        plan = self._row_plan(queries, outputs.logits.tolist(), ood)
+        if plan is None:
+            return None
+        if self.fallback is not None and any(plan.routed):
+            ood64 = outputs.ood.astype(np.float64)
+            return self._to_results(self._answer(queries, items, outputs, ood64, plan.to_call_plan()))
+        return self._row_results(plan, ood, outputs.truncated.tolist())
+
+    def _row_plan(
+        self, queries: Sequence[str], logits: list[list[float]], ood: list[float]
+    ) -> RowPlan | None:
+        """:func:`plan_rows` with this scorer's temperature, routing, shift routing and budget."""
+        return plan_rows(logits, ood, queries, **self._routing_args())
+
+    def _routing_args(self) -> dict[str, Any]:
+        """What a call's plan takes from this scorer, row by row or in arrays."""
+        return {
+            "temperature": self.temperature,
+            "policy": self.routing,
+            "shift": self.shift,
+            "budget": self.budget,
+        }
 
     def _answer(
         self,
