@@ -147,17 +147,17 @@ def _margin(row: Sequence[float]) -> float:
 
 def _corrected(
     logits: Sequence[Sequence[float]], population: list[int], biases: list[tuple[float, ...] | None]
-) -> list[list[float]] | Sequence[Sequence[float]] | None:
+) -> Sequence[Sequence[float]] | None:
     """Each row plus its population's grade-prior correction (the last bias: population -1); None
-    when a present population's correction has the wrong width."""
+    when a present population's correction has the wrong width. Uncorrected rows are not copied."""
     if all(b is None for b in biases):
         return logits
     width = len(logits[0])
-    out = []
+    out: list[Sequence[float]] = []
     for row, k in zip(logits, population, strict=True):
         bias = biases[k]
         if bias is None:
-            out.append(list(row))
+            out.append(row)
         elif len(bias) != width:
             return None
         else:
