@@ -41,7 +41,10 @@ with their agreement. Every graph's ``batch_dependence`` is the largest |logit| 
 a dev pair scored alone and in its batch: dynamic activation scales depend on the other pairs of
 the batch, static ones do not.
 
-Ratios are against ``shipped`` in the same run; medians over ``--reps`` requests.
+Every int8 variant runs its last layer on the first token when the shipped graph does
+(``darl_lite.export.first_token``, applied as the export applies it), so each differs from
+``shipped`` only in its lever. Ratios are against ``shipped`` in the same run; medians over
+``--reps`` requests.
 """
 
 from __future__ import annotations
@@ -116,6 +119,7 @@ def build_variants(
     """name -> (graph, onnxruntime rewrites to skip); the static variants only with ``calibration``."""
     import onnx
 
+    from darl_lite.export.first_token import trim_to_first_token
     from darl_lite.export.fuse import fuse_attention
     from darl_lite.export.quantize import head_nodes, quantize_int8
 
@@ -123,6 +127,13 @@ def build_variants(
     fp32 = bundle / "model_fp32.onnx"
     quant = manifest["quantization"]
     hidden = int(manifest["model"]["export"]["hidden_size"])
+    first_token = bool(manifest["model"].get("first_token", {}).get("applied"))
+
+    def as_shipped(graph: Path) -> Path:
+        """An int8 variant with the shipped graph's last layer on the first token, where it has one."""
+        if first_token:
+            trim_to_first_token(graph, graph)
+        return graph
 
     def int8(source: Path, name: str) -> Path:
         target = work / f"{name}.onnx"
@@ -130,7 +141,7 @@ def build_variants(
             source, target, preset=quant["preset"], per_channel=quant["per_channel"],
             exclude_nodes=quant["excluded_nodes"],
         )  # fmt: skip
-        return target
+        return as_shipped(target)
 
     fused_all = work / "fused_all_fp32.onnx"
     fuse_attention(
@@ -152,11 +163,11 @@ def build_variants(
                 fused, target, preset=quant["preset"], per_channel=quant["per_channel"],
                 exclude_nodes=[*keep, *ood], mode=mode, calibration=calibration if mode == "static" else None,
             )  # fmt: skip
-            return target
+            return as_shipped(target)
 
         static = {
             "static QDQ (quantize_static, MinMax), unfused": (
-                static_qdq(fp32, work / "static_qdq.onnx", calibration, excluded),
+                as_shipped(static_qdq(fp32, work / "static_qdq.onnx", calibration, excluded)),
                 RUNTIME,
             ),
             STATIC_SAME: (int8_of("static_same", excluded, "static"), RUNTIME),

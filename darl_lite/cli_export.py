@@ -50,6 +50,12 @@ def register(sub: Any) -> None:
         help="quantize the plain graph, without onnxruntime's fused attention (see darl_lite.export.fuse)",
     )
     export.add_argument(
+        "--no-first-token",
+        action="store_true",
+        help="run the int8 graph's last layer on every token, not only on the first token the head "
+        "reads (see darl_lite.export.first_token)",
+    )
+    export.add_argument(
         "--teacher",
         default=None,
         help="teacher file grading dev + ood_dev, for the shift evidence (default: the shipped one)",
@@ -83,6 +89,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         max_sensitive_exclusions=args.max_sensitive_exclusions,
         route_rate=args.route_rate,
         fuse_attention=not args.no_fuse,
+        first_token_last_layer=not args.no_first_token,
         quant_mode=args.quant_mode,
     )
     bundle = build_bundle(

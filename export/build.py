@@ -13,12 +13,13 @@ import os
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from darl_lite.bundle import ROLE_TOKENIZER, Bundle, model_role, ood_role, write_bundle
 from darl_lite.export.build_steps import (
+    FIRST_TOKEN_TOLERANCE,
     FUSION_TOLERANCE,
     OOD_GRAPH_TOLERANCE,
     BuildContext,
@@ -26,12 +27,14 @@ from darl_lite.export.build_steps import (
     OodFit,
     calibrate_step,
     export_step,
+    first_token_step,
     fit_ood_step,
     fuse_step,
     labelled_step,
     quantize_step,
     routing_step,
 )
+from darl_lite.export.first_token import FirstTokenInfo
 from darl_lite.export.fuse import FusionInfo
 from darl_lite.export.gate import SENSITIVITY_REPORTED, GateResult, gate_step, refuse_drift
 from darl_lite.export.parity import ParityError, ParityThresholds
@@ -39,6 +42,7 @@ from darl_lite.inference import OOD_OUTPUT
 from darl_lite.types import GRADE_GAINS, GRADE_NAMES, Pair
 
 __all__ = [
+    "FIRST_TOKEN_TOLERANCE",
     "FUSION_TOLERANCE",
     "OOD_GRAPH_TOLERANCE",
     "SENSITIVITY_REPORTED",
@@ -88,6 +92,7 @@ class ExportConfig:
     allow_parity_failure: bool = False  # recorded in the manifest when used
     threads: int = 0
     fuse_attention: bool = True  # see darl_lite.export.fuse
+    first_token_last_layer: bool = True  # see darl_lite.export.first_token
     quant_mode: str = "auto"  # "auto" | "dynamic" | "static" (see above and darl_lite.export.quantize)
     calibration_pairs: int = 384  # static mode: training pairs the activation scales are fitted on
     static_percentile: float = 99.99  # static mode: percentile of each activation the scale covers
@@ -127,11 +132,13 @@ def build_bundle(
                 gate.quantization.mode,
             )
         refuse_drift(ctx, gate)
+        first_token = first_token_step(ctx, gate.int8_logits)
+        gate = replace(gate, int8=ctx.load(ctx.int8_path))  # the graph that ships
         train, dev = labelled_step(train_pairs, "train"), labelled_step(dev_pairs, "dev")
         calibration = calibrate_step(gate.int8, dev)
         routing = routing_step(cfg, calibration)
         ood = fit_ood_step(ctx, gate.int8, train, dev, calibration)
-        manifest = manifest_step(ctx, fusion, gate, calibration, ood, routing, teacher)
+        manifest = manifest_step(ctx, fusion, first_token, gate, calibration, ood, routing, teacher)
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
         return write_bundle(out_dir, bundle_files(ctx, ood), manifest, overwrite=overwrite)
 
@@ -149,6 +156,7 @@ def bundle_files(ctx: BuildContext, ood: OodFit) -> dict[str, Path]:
 def manifest_step(
     ctx: BuildContext,
     fusion: FusionInfo,
+    first_token: FirstTokenInfo,
     gate: GateResult,
     calibration: Calibration,
     ood: OodFit,
@@ -165,6 +173,7 @@ def manifest_step(
             "outputs": {"logits": "logits", "pooled": "pooled", "ood": OOD_OUTPUT},
             "export": asdict(ctx.export_info),
             "fusion": fusion.to_dict(),
+            "first_token": first_token.to_dict(),  # the int8 graph's (darl_lite.export.first_token)
             "default_precision": "int8",
         },
         "quantization": {

@@ -1,9 +1,10 @@
 """The steps of :func:`darl_lite.export.build.build_bundle`, one function each, in pipeline order.
 
-export → fuse → quantize → (gate, in :mod:`darl_lite.export.gate`) → calibrate → routing → fit
-OOD. Each step takes what earlier steps measured and returns a small frozen record, so the pipeline
-reads as a list of named steps and each one can be run and tested alone. Files are written into the
-build's work directory (:attr:`BuildContext.work`); the bundle is written only after every step ran.
+export → fuse → quantize → (gate, in :mod:`darl_lite.export.gate`) → first token → calibrate →
+routing → fit OOD. Each step takes what earlier steps measured and returns a small frozen record, so
+the pipeline reads as a list of named steps and each one can be run and tested alone. Files are
+written into the build's work directory (:attr:`BuildContext.work`); the bundle is written only
+after every step ran.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from numpy.typing import NDArray
 
 from darl_lite.calibration import fit_temperature, softmax
 from darl_lite.errors import InputError
+from darl_lite.export.first_token import FirstTokenInfo, trim_to_first_token
 from darl_lite.export.fuse import FusionInfo, fuse_attention
 from darl_lite.export.onnx_export import OnnxExportInfo, export_onnx
 from darl_lite.export.ood_graph import append_ood_distance
@@ -38,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 #: Largest |fused - unfused| fp32 logit accepted from attention fusion (float reassociation only).
 FUSION_TOLERANCE = 1e-3
+#: Largest |trimmed - untrimmed| logit on the parity pairs for a first-token graph to be kept: each
+#: moved node computes every row on its own (measured on MiniLM-L6: 0 for static int8, 5e-7 fp32).
+FIRST_TOKEN_TOLERANCE = 1e-4
 #: Largest relative difference of the in-graph OOD score from the numpy detector's.
 OOD_GRAPH_TOLERANCE = 1e-4
 
@@ -171,6 +176,29 @@ def fuse_step(ctx: BuildContext) -> tuple[Path, FusionInfo]:
         reason=f"fused logits differ from fp32 by {diff:.2e} > {FUSION_TOLERANCE}",
         max_abs_diff_logits=diff,
     )
+
+
+def first_token_step(ctx: BuildContext, int8_logits: NDArray[np.float32]) -> FirstTokenInfo:
+    """Run the int8 graph's last layer after its attention on the first token only
+    (:mod:`darl_lite.export.first_token`); kept only if the graph answers the parity pairs as
+    before, within :data:`FIRST_TOKEN_TOLERANCE`. The fp32 graph stays the plain export: the
+    reference the gate compares against and the graph the benchmarks build their variants from.
+    """
+    if not ctx.cfg.first_token_last_layer:
+        return FirstTokenInfo(False, "turned off (ExportConfig.first_token_last_layer=False)")
+    trimmed = ctx.work / "model_int8_first_token.onnx"
+    info = trim_to_first_token(ctx.int8_path, trimmed)
+    if not info.applied:
+        return info
+    logits = ctx.load(trimmed).run(ctx.parity_queries, ctx.parity_items).logits
+    diff = float(np.max(np.abs(logits - int8_logits)))
+    if diff > FIRST_TOKEN_TOLERANCE:
+        logger.warning("the first-token int8 graph moved logits by %.2e; the full graph ships", diff)
+        trimmed.unlink()
+        reason = f"trimmed logits differ by {diff:.2e} > {FIRST_TOKEN_TOLERANCE}"
+        return replace(info, applied=False, reason=reason, max_abs_diff_logits=diff)
+    os.replace(trimmed, ctx.int8_path)
+    return replace(info, max_abs_diff_logits=diff)
 
 
 def quantize_step(
