@@ -299,16 +299,26 @@ class EncoderShape:
         per_layer = 8 * L * d * d + 4 * L * L * d + 4 * L * d * f
         return self.layers * per_layer + 2 * d * d + 2 * d * self.n_labels
 
+    def flops_first_token(self, tokens: float) -> float:
+        """:meth:`flops` of a graph whose last layer runs its output projection and feed-forward
+        block on the first token only (``darl_lite.export.first_token``): the head reads no other row."""
+        L, d, f = float(tokens), self.hidden, self.ffn
+        return self.flops(tokens) - (L - 1) * (2 * d * d + 4 * d * f)
+
 
 def token_stats(bundle: Path, requests: dict[int, tuple[str, list[str]]], shape: EncoderShape) -> dict:
-    """Per size: mean tokens per pair, useful GFLOPs per request (actual lengths) and executed GFLOPs
-    (the runtime's batch plan: each batch padded to its longest pair)."""
+    """Per size: mean tokens per pair, useful GFLOPs per request (actual lengths), the GFLOPs the
+    bundle's int8 graph does at actual lengths (fewer where its last layer runs on the first token
+    only: the % of peak of the contenders that run it rests on this), and executed GFLOPs (batches
+    of ``BATCH_SIZE``, each padded to its longest pair)."""
     import numpy as np
     from tokenizers import Tokenizer
 
     from darl_lite.bundle import load_bundle
 
     b = load_bundle(bundle, verify=False)
+    first_token = bool(b.manifest.get("model", {}).get("first_token", {}).get("applied"))
+    int8_flops = shape.flops_first_token if first_token else shape.flops
     tok = Tokenizer.from_file(str(b.path_of("tokenizer")))
     tok.no_padding()
     tok.enable_truncation(b.max_length, strategy="longest_first")
@@ -324,6 +334,7 @@ def token_stats(bundle: Path, requests: dict[int, tuple[str, list[str]]], shape:
             "mean_tokens": float(lengths.mean()),
             "max_tokens": int(lengths.max()),
             "useful_gflop": float(sum(shape.flops(x) for x in lengths) / 1e9),
+            "int8_graph_gflop": float(sum(int8_flops(x) for x in lengths) / 1e9),
             "executed_gflop": float(executed / 1e9),
         }
     return out

@@ -189,3 +189,14 @@ def test_broadcast_across_tokens_and_graphs_without_the_gather_are_left_alone(tm
     onnx.save(model, str(path))
     info = trim_to_first_token(path, tmp_path / "t.onnx")
     assert not info.applied and "no Gather" in info.reason
+
+
+def test_the_benchmarks_count_the_work_the_trimmed_graph_does(tiny_bundle_dir: Path) -> None:
+    from bench.common import EncoderShape, token_stats
+
+    shape = EncoderShape(layers=2, hidden=32, ffn=64)
+    assert shape.flops_first_token(1) == shape.flops(1)  # one token: nothing to skip
+    skipped = shape.flops(14) - shape.flops_first_token(14)
+    assert skipped == 13 * (2 * 32 * 32 + 4 * 32 * 64)  # 13 rows of output projection and FFN
+    stats = token_stats(tiny_bundle_dir, {3: ("szechwan cuisine", ["mapo doufu", "jazz", "kung pao"])}, shape)
+    assert 0 < stats["3"]["int8_graph_gflop"] < stats["3"]["useful_gflop"]
