@@ -31,6 +31,10 @@ agreement with fp32 on 2,000 dev pairs:
     the head alone fp32 (what ``ExportConfig(quant_mode="static")`` ships when its gate passes);
   * ``dynamic, head only fp32``: the dynamic graph without the sensitivity exclusions, for contrast.
 
+``--first-token`` adds the static head-only graph with its last layer on every token
+(``darl_lite.export.first_token`` not applied) and times it against the same graph trimmed
+(``first_token_study``); the table gives both graphs' agreement with fp32, and
+``first_token_max_abs_logit_diff`` their largest logit difference on the dev pairs.
 ``--static`` also times ``shipped`` against the two static-scales graphs at 1, 10, 100 and 1000
 items with 1 and 2 threads in alternating rounds (``static_study`` in the JSON, timed by
 ``alternating_study``). ``--fast-gelu`` does the same for the GELU approximation
@@ -114,9 +118,14 @@ def static_qdq(
 
 
 def build_variants(
-    bundle: Path, work: Path, num_heads: int, calibration: Sequence[dict[str, np.ndarray]] = ()
+    bundle: Path,
+    work: Path,
+    num_heads: int,
+    calibration: Sequence[dict[str, np.ndarray]] = (),
+    every_row: bool = False,
 ) -> dict[str, tuple[Path, tuple[str, ...]]]:
-    """name -> (graph, onnxruntime rewrites to skip); the static variants only with ``calibration``."""
+    """name -> (graph, onnxruntime rewrites to skip); the static variants only with ``calibration``,
+    and with ``every_row`` also the static head-only graph with its last layer on every token."""
     import onnx
 
     from darl_lite.export.first_token import trim_to_first_token
@@ -157,13 +166,15 @@ def build_variants(
         ood = [n.name for n in model.graph.node if n.name.startswith(OOD_PREFIX) and n.op_type == "MatMul"]
         heads = head_nodes(model)
 
-        def int8_of(name: str, keep: Sequence[str], mode: Literal["dynamic", "static"]) -> Path:
+        def int8_of(
+            name: str, keep: Sequence[str], mode: Literal["dynamic", "static"], trim: bool = True
+        ) -> Path:
             target = work / f"{name}.onnx"
             quantize_int8(
                 fused, target, preset=quant["preset"], per_channel=quant["per_channel"],
                 exclude_nodes=[*keep, *ood], mode=mode, calibration=calibration if mode == "static" else None,
             )  # fmt: skip
-            return as_shipped(target)
+            return as_shipped(target) if trim else target
 
         static = {
             "static QDQ (quantize_static, MinMax), unfused": (
@@ -174,6 +185,8 @@ def build_variants(
             STATIC_HEAD: (int8_of("static_head", heads, "static"), RUNTIME),
             "dynamic, head only fp32": (int8_of("dynamic_head", heads, "dynamic"), RUNTIME),
         }
+        if every_row:
+            static[EVERY_ROW] = (int8_of("static_head_every_row", heads, "static", trim=False), RUNTIME)
     return {
         "shipped": (bundle / "model_int8.onnx", RUNTIME),
         "shipped, SkipLayerNormFusion on": (bundle / "model_int8.onnx", ALL_REWRITES),
@@ -185,6 +198,7 @@ def build_variants(
     }
 
 
+EVERY_ROW = "static scales, head only fp32, last layer on every token"
 GELU_EXACT = "shipped as onnxruntime optimises it (exact Gelu)"
 GELU_FAST = "shipped, each Gelu as FastGelu (tanh approximation)"
 
@@ -310,6 +324,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--fast-gelu", action="store_true", help="also time the GELU approximation at 1-1000 items"
     )
+    parser.add_argument(
+        "--first-token",
+        action="store_true",
+        help="also time the last layer on the first token against every token at 1-1000 items",
+    )
     args = parser.parse_args(argv)
 
     from bench.common import RawSession, latency_requests
@@ -336,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     report: dict[str, Any] = {"query": query, "items": len(items), "threads": args.threads, "graphs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        variants = build_variants(args.bundle, Path(tmp), args.num_heads, calibration)
+        variants = build_variants(args.bundle, Path(tmp), args.num_heads, calibration, args.first_token)
         if args.fast_gelu:
             variants.update(gelu_variants(args.bundle / "model_int8.onnx", Path(tmp)))
         logits: dict[str, np.ndarray] = {}
@@ -359,6 +378,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 report["graphs"]["shipped"]["median_ms"] / entry["median_ms"], 3
             )
 
+        if EVERY_ROW in logits:
+            diff = np.abs(logits[EVERY_ROW] - logits[STATIC_HEAD])
+            report["first_token_max_abs_logit_diff"] = float(diff.max())
         shipped = variants["shipped"][0]
         one = _session(shipped, args.threads)
         no_spin = _session(shipped, args.threads, spinning=False)
@@ -394,6 +416,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         studies = {
             "static_study": ("shipped", STATIC_SAME, STATIC_HEAD) if static else (),
             "fast_gelu_study": (GELU_EXACT, GELU_FAST) if args.fast_gelu else (),
+            "first_token_study": (EVERY_ROW, STATIC_HEAD) if EVERY_ROW in variants else (),
         }
         if any(studies.values()):
             sized = latency_requests((1, 10, 100, 1000))

@@ -34,3 +34,22 @@ def test_the_gelu_variants_differ_by_the_approximation_alone(tiny_bundle_dir: Pa
     np.testing.assert_allclose(logits[GELU_EXACT], reference, rtol=0, atol=1e-5)  # the same maths
     assert not np.array_equal(logits[GELU_FAST], reference)  # the approximation did change something
     np.testing.assert_allclose(logits[GELU_FAST], reference, rtol=0, atol=0.05)  # and only a little
+
+
+def test_the_first_token_variants_differ_by_the_trim_alone(tiny_bundle_dir: Path, tmp_path: Path) -> None:
+    from bench.graph_levers import EVERY_ROW, STATIC_HEAD, build_variants
+
+    tokenizer = tiny_bundle_dir / "tokenizer.json"
+    helper = RelevanceModel(tiny_bundle_dir / "model_int8.onnx", tokenizer, max_length=32)
+    queries = ["capital of france", "jazz musicians", "szechwan cuisine"] * 4
+    items = ["Paris", "Lyon is a city in France", "a cat", "Miles Davis", "mapo doufu", "the sea"] * 2
+    calibration = [feeds for _, feeds in helper.plan(queries, items).batches]
+    variants = build_variants(tiny_bundle_dir, tmp_path, num_heads=2, calibration=calibration, every_row=True)
+
+    def gathers(path: Path) -> int:
+        return sum(n.name.endswith("/first_token_gather") for n in onnx.load(str(path)).graph.node)
+
+    assert gathers(variants[STATIC_HEAD][0]) == 2 and gathers(variants[EVERY_ROW][0]) == 0
+    feeds = calibration[0]
+    trimmed, full = (_session(variants[k][0], 1).run(["logits"], feeds)[0] for k in (STATIC_HEAD, EVERY_ROW))
+    np.testing.assert_array_equal(trimmed, full)  # static scales: the same arithmetic on the kept row
