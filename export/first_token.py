@@ -240,6 +240,9 @@ def trim_to_first_token(
     gather = _first_token_gather(g)
     if gather is None:
         return FirstTokenInfo(False, "no Gather(axis=1, index 0) of the first token in the graph")
+    hidden = gather.input[0]
+    if hidden in g.outputs or any(reader is not gather for reader in g.consumers[hidden]):
+        return FirstTokenInfo(False, f"{hidden!r} is read beyond its first token (an output or another node)")
     g.probe()
     nodes, entering = _moved_region(g, gather)
     if not nodes:

@@ -170,6 +170,11 @@ def test_a_tensor_read_beyond_the_first_token_keeps_its_producer(tmp_path: Path)
     info = trim_to_first_token(path, tmp_path / "t.onnx")
     assert info.moved_nodes == 1 and info.gathered_inputs == ("h",)  # Relu moved, MatMul kept
 
+    model.graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "l", HIDDEN]))
+    onnx.save(model, str(path))  # the gathered tensor itself is an output: every row of it is read
+    info = trim_to_first_token(path, tmp_path / "u.onnx")
+    assert not info.applied and "read beyond its first token" in info.reason
+
 
 def test_broadcast_across_tokens_and_graphs_without_the_gather_are_left_alone(tmp_path: Path) -> None:
     # (B, L, H) + (B, 1, H): each output row reads one row of the second operand for every token
