@@ -6,12 +6,13 @@ output product, its feed-forward block and both LayerNorms on every token and dr
 one at the pooler's ``Gather``. The keys and values of that layer still need every token, but
 everything after its attention is per token. This pass moves the ``Gather`` up through those
 per-token nodes to just after the last attention, so they run on one row per pair instead of
-about fourteen: for MiniLM-L6 about an eighth of the graph's multiply-adds (docs/benchmarks.md).
+about fourteen: for MiniLM-L6 at 14 tokens, 11.5% of the graph's multiply-adds (docs/export.md).
 
 The answers do not change: each moved node computes every row on its own, so the kept row is the
 same arithmetic on the same values (with static int8 scales the quantized row is identical; a
 dynamic ``DynamicQuantizeLinear`` sees the whole tensor and stops the pass, so the rows it scales
-stay as they were). The caller checks this on real pairs (:func:`darl_lite.export.build_steps`).
+stay as they were). The export checks this on real pairs
+(:func:`darl_lite.export.build_steps.first_token_step`).
 
 A node is moved only where the rule below proves it per token; anything else stops the pass:
 
