@@ -306,6 +306,12 @@ class EncoderShape:
         return self.flops(tokens) - (L - 1) * (2 * d * d + 4 * d * f)
 
 
+def int8_first_token(manifest: dict) -> bool:
+    """Whether the bundle's int8 graph runs its last layer on the first token only
+    (``darl_lite.export.first_token``), as its manifest records."""
+    return bool(manifest.get("model", {}).get("first_token", {}).get("applied"))
+
+
 def token_stats(bundle: Path, requests: dict[int, tuple[str, list[str]]], shape: EncoderShape) -> dict:
     """Per size: mean tokens per pair, useful GFLOPs per request (actual lengths), the GFLOPs the
     bundle's int8 graph does at actual lengths (fewer where its last layer runs on the first token
@@ -317,8 +323,7 @@ def token_stats(bundle: Path, requests: dict[int, tuple[str, list[str]]], shape:
     from darl_lite.bundle import load_bundle
 
     b = load_bundle(bundle, verify=False)
-    first_token = bool(b.manifest.get("model", {}).get("first_token", {}).get("applied"))
-    int8_flops = shape.flops_first_token if first_token else shape.flops
+    int8_flops = shape.flops_first_token if int8_first_token(b.manifest) else shape.flops
     tok = Tokenizer.from_file(str(b.path_of("tokenizer")))
     tok.no_padding()
     tok.enable_truncation(b.max_length, strategy="longest_first")

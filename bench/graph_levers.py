@@ -128,6 +128,7 @@ def build_variants(
     and with ``every_row`` also the static head-only graph with its last layer on every token."""
     import onnx
 
+    from bench.common import int8_first_token
     from darl_lite.export.first_token import trim_to_first_token
     from darl_lite.export.fuse import fuse_attention
     from darl_lite.export.quantize import head_nodes, quantize_int8
@@ -136,7 +137,7 @@ def build_variants(
     fp32 = bundle / "model_fp32.onnx"
     quant = manifest["quantization"]
     hidden = int(manifest["model"]["export"]["hidden_size"])
-    first_token = bool(manifest["model"].get("first_token", {}).get("applied"))
+    first_token = int8_first_token(manifest)
 
     def as_shipped(graph: Path) -> Path:
         """An int8 variant with the shipped graph's last layer on the first token, where it has one."""

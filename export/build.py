@@ -132,8 +132,9 @@ def build_bundle(
                 gate.quantization.mode,
             )
         refuse_drift(ctx, gate)
-        first_token = first_token_step(ctx, gate.int8_logits)
-        gate = replace(gate, int8=ctx.load(ctx.int8_path))  # the graph that ships
+        first_token, trimmed = first_token_step(ctx, gate.int8_logits)
+        if trimmed is not None:
+            gate = replace(gate, int8=trimmed)  # the graph that ships
         train, dev = labelled_step(train_pairs, "train"), labelled_step(dev_pairs, "dev")
         calibration = calibrate_step(gate.int8, dev)
         routing = routing_step(cfg, calibration)

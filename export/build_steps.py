@@ -178,27 +178,33 @@ def fuse_step(ctx: BuildContext) -> tuple[Path, FusionInfo]:
     )
 
 
-def first_token_step(ctx: BuildContext, int8_logits: NDArray[np.float32]) -> FirstTokenInfo:
+def first_token_step(
+    ctx: BuildContext, int8_logits: NDArray[np.float32]
+) -> tuple[FirstTokenInfo, RelevanceModel | None]:
     """Run the int8 graph's last layer after its attention on the first token only
     (:mod:`darl_lite.export.first_token`); kept only if the graph answers the parity pairs as
     before, within :data:`FIRST_TOKEN_TOLERANCE`. The fp32 graph stays the plain export: the
     reference the gate compares against and the graph the benchmarks build their variants from.
+
+    Returns what happened and, when the trimmed graph replaced the int8 one, its checked model
+    (None: the int8 graph is as the gate left it).
     """
     if not ctx.cfg.first_token_last_layer:
-        return FirstTokenInfo(False, "turned off (ExportConfig.first_token_last_layer=False)")
+        return FirstTokenInfo(False, "turned off (ExportConfig.first_token_last_layer=False)"), None
     trimmed = ctx.work / "model_int8_first_token.onnx"
     info = trim_to_first_token(ctx.int8_path, trimmed)
     if not info.applied:
-        return info
-    logits = ctx.load(trimmed).run(ctx.parity_queries, ctx.parity_items).logits
+        return info, None
+    model = ctx.load(trimmed)
+    logits = model.run(ctx.parity_queries, ctx.parity_items).logits
     diff = float(np.max(np.abs(logits - int8_logits)))
     if diff > FIRST_TOKEN_TOLERANCE:
         logger.warning("the first-token int8 graph moved logits by %.2e; the full graph ships", diff)
         trimmed.unlink()
         reason = f"trimmed logits differ by {diff:.2e} > {FIRST_TOKEN_TOLERANCE}"
-        return replace(info, applied=False, reason=reason, max_abs_diff_logits=diff)
-    os.replace(trimmed, ctx.int8_path)
-    return replace(info, max_abs_diff_logits=diff)
+        return replace(info, applied=False, reason=reason, max_abs_diff_logits=diff), None
+    os.replace(trimmed, ctx.int8_path)  # the loaded session keeps the graph it read
+    return replace(info, max_abs_diff_logits=diff), model
 
 
 def quantize_step(

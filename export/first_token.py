@@ -117,12 +117,13 @@ def _probe_shapes(model: Any, nodes: list[Any]) -> dict[str, tuple[int, ...]]:
     """Every node output's shape, read by running a copy of the graph (every rewrite off) on a probe
     batch: onnx's shape inference does not know onnxruntime's contrib ops."""
     import onnxruntime as ort
+    from onnx import helper
 
     probe = type(model)()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
     names = [out for node in nodes for out in node.output if out and out not in known]
-    probe.graph.output.extend(_output_info(name) for name in names)
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in names)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
@@ -133,14 +134,6 @@ def _probe_shapes(model: Any, nodes: list[Any]) -> dict[str, tuple[int, ...]]:
         feeds[graph_input.name] = np.ones_like(ids) if graph_input.name == "attention_mask" else ids
     wanted = [o.name for o in session.get_outputs()]
     return {name: tuple(np.shape(v)) for name, v in zip(wanted, session.run(wanted, feeds), strict=True)}
-
-
-def _output_info(name: str) -> Any:
-    from onnx import ValueInfoProto
-
-    info = ValueInfoProto()
-    info.name = name
-    return info
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:
@@ -195,31 +188,27 @@ def _per_token_inputs(node: Any, g: _Graph) -> list[str] | None:
 def _moved_region(g: _Graph, gather: Any) -> tuple[list[Any], list[str]]:
     """The per-token nodes that feed only the first token (in graph order), and the tensors that
     enter them from outside and need a gather of their own."""
-    moved: set[int] = set()
+    rows_of: dict[int, list[str]] = {}  # moved node -> its per-token inputs
     only_first = {gather.input[0]}  # tensors of which nothing but the first token is read
     changed = True
     while changed:
         changed = False
         for node in reversed(g.graph.node):
-            if id(node) in moved or node.output[0] not in only_first:
+            if id(node) in rows_of or node.output[0] not in only_first:
                 continue
             inputs = _per_token_inputs(node, g)
             if inputs is None:
                 continue
-            moved.add(id(node))
+            rows_of[id(node)] = inputs
             changed = True
             for name in inputs:
                 readers = g.consumers.get(name, [])
-                if name not in g.outputs and all(id(r) in moved or r is gather for r in readers):
+                if name not in g.outputs and all(id(r) in rows_of or r is gather for r in readers):
                     only_first.add(name)
-    nodes = [node for node in g.graph.node if id(node) in moved]
+    nodes = [node for node in g.graph.node if id(node) in rows_of]
     produced = {out for node in nodes for out in node.output}
-    entering: list[str] = []
-    for node in nodes:
-        for name in _per_token_inputs(node, g) or ():
-            if name not in produced and name not in entering:
-                entering.append(name)
-    return nodes, entering
+    entering = [name for node in nodes for name in rows_of[id(node)] if name not in produced]
+    return nodes, list(dict.fromkeys(entering))
 
 
 def trim_to_first_token(

@@ -99,14 +99,17 @@ def test_first_token_step_keeps_what_answers_and_can_be_turned_off(
         quantize_int8(ctx.fp32_path, ctx.int8_path, exclude_nodes="auto")
         int8_logits = ctx.load(ctx.int8_path).run(ctx.parity_queries, ctx.parity_items).logits
         before = ctx.int8_path.read_bytes()
-        info = first_token_step(ctx, int8_logits)
+        info, trimmed = first_token_step(ctx, int8_logits)
         assert info.applied is on and not list(ctx.work.glob("*_first_token.onnx"))
         if on:  # the trimmed graph replaced the full one and answers as it did
             assert info.max_abs_diff_logits is not None and info.max_abs_diff_logits <= 1e-4
-            logits = ctx.load(ctx.int8_path).run(ctx.parity_queries, ctx.parity_items).logits
-            np.testing.assert_allclose(logits, int8_logits, rtol=0, atol=1e-4)
+            assert trimmed is not None
+            for model in (trimmed, ctx.load(ctx.int8_path)):
+                logits = model.run(ctx.parity_queries, ctx.parity_items).logits
+                np.testing.assert_allclose(logits, int8_logits, rtol=0, atol=1e-4)
         else:
             assert "turned off" in info.reason and ctx.int8_path.read_bytes() == before
+            assert trimmed is None
 
 
 # Hand-built graphs: input_ids -> embedding (B, L, H) -> [body] -> Gather(axis=1, 0) -> "out".
